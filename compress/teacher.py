@@ -1,0 +1,221 @@
+"""Train the ``tiny-sd`` teacher from scratch on the offline scene dataset.
+
+Order (as latent diffusion is trained): the VAE first, then the U-Net on the frozen
+VAE's latents. The text encoder is a *frozen, randomly initialised* small CLIP text
+model: SD v2.1 also keeps its text encoder frozen, the scene captions are short and
+come from a fixed grammar, and a frozen encoder keeps the distillation stages
+(which freeze it too) honest. Its per-token states still carry word identity and
+position, which is all the U-Net's cross-attention needs here.
+
+    slimsd train-teacher --out slimsd/assets/tiny-sd
+
+writes a complete diffusers pipeline folder plus ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from slimsd.data.scenes import SceneDataset, to_tensor
+from slimsd.models import build_components, make_pipeline
+
+
+@dataclass
+class TeacherConfig:
+    out: str = "slimsd/assets/tiny-sd"
+    seed: int = 0
+    # VAE: MSE + small KL, as SD's first stage minus the LPIPS/GAN terms that a
+    # 64 px flat-shaded dataset does not need
+    vae_steps: int = 1200
+    vae_batch: int = 24
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    # U-Net: epsilon-prediction MSE (L_Diff), 10% empty captions so CFG works
+    unet_steps: int = 5000
+    unet_batch: int = 64
+    unet_lr: float = 1e-3  # small model, short schedule: higher than SD's 1e-4
+    unet_warmup: int = 200
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    num_latents: int = 40_000  # training images encoded once by the frozen VAE
+    threads: int = 0  # 0: torch default
+
+
+def _cosine_lr(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))  # decays to 10%
+
+
+def _batches(ds: SceneDataset, batch: int, rng: np.random.Generator):
+    while True:
+        idx = rng.integers(len(ds), size=batch)
+        samples = [ds[int(i)] for i in idx]
+        yield to_tensor([s.image for s in samples]), [s.caption for s in samples]
+
+
+def train_vae(vae, cfg: TeacherConfig, log: list) -> float:
+    """Returns the latent std used for ``scaling_factor``."""
+    ds = SceneDataset("train", seed=cfg.seed + 1, length=10_000_000)
+    rng = np.random.default_rng(cfg.seed + 1)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, cfg.vae_steps, 100))
+    vae.train()
+    it = _batches(ds, cfg.vae_batch, rng)
+    bar = tqdm(range(cfg.vae_steps), desc="vae", dynamic_ncols=True)
+    for step in bar:
+        x, _ = next(it)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        l_rec = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
+        l_kl = post.kl().mean()
+        loss = l_rec + cfg.vae_kl_weight * l_kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == cfg.vae_steps - 1:
+            bar.set_postfix(rec=f"{l_rec.item():.4f}", kl=f"{l_kl.item():.1f}")
+            log.append({"stage": "vae", "step": step, "rec": l_rec.item(), "kl": l_kl.item()})
+    vae.eval()
+    with torch.no_grad():
+        x, _ = next(it)
+        z = torch.cat([vae.encode(next(it)[0]).latent_dist.sample() for _ in range(8)])
+    return float(z.std())
+
+
+@torch.no_grad()
+def encode_dataset(vae, text_encoder, tokenizer, cfg: TeacherConfig):
+    """Latent mean/std of ``num_latents`` training images and the caption embeddings."""
+    ds = SceneDataset("train", seed=cfg.seed + 2, length=cfg.num_latents)
+    means, stds, caps = [], [], []
+    for i in tqdm(range(0, len(ds), 256), desc="encode latents", dynamic_ncols=True):
+        samples = [ds[j] for j in range(i, min(i + 256, len(ds)))]
+        dist = vae.encode(to_tensor([s.image for s in samples])).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+        caps += [s.caption for s in samples]
+    unique = sorted(set(caps)) + [""]
+    emb = {}
+    for i in range(0, len(unique), 256):
+        chunk = unique[i : i + 256]
+        ids = tokenizer(chunk, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        hs = text_encoder(ids)[0]
+        emb.update({c: h for c, h in zip(chunk, hs)})
+    cap_index = torch.tensor([unique.index(c) for c in caps])
+    table = torch.stack([emb[c] for c in unique])  # (n_captions, 77, d)
+    return torch.cat(means), torch.cat(stds), cap_index, table, len(unique) - 1
+
+
+def train_unet(unet, scheduler, latents, cfg: TeacherConfig, log: list, scaling: float):
+    from diffusers.training_utils import EMAModel
+
+    mean, std, cap_index, table, empty_id = latents
+    g = torch.Generator().manual_seed(cfg.seed + 3)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, cfg.unet_steps, cfg.unet_warmup))
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
+    unet.train()
+    bar = tqdm(range(cfg.unet_steps), desc="unet", dynamic_ncols=True)
+    for step in bar:
+        idx = torch.randint(len(mean), (cfg.unet_batch,), generator=g)
+        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scaling  # (B,4,8,8)
+        cap = cap_index[idx].clone()
+        cap[torch.rand(cfg.unet_batch, generator=g) < cfg.caption_dropout] = empty_id  # CFG
+        c = table[cap]  # (B,77,d)
+        eps = torch.randn(z0.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=g)
+        zt = scheduler.add_noise(z0, eps, t)
+        loss = F.mse_loss(unet(zt, t, c).sample, eps)  # L_Diff
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema.step(unet.parameters())
+        if step % 50 == 0 or step == cfg.unet_steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            log.append({"stage": "unet", "step": step, "loss": loss.item()})
+    ema.copy_to(unet.parameters())
+    unet.eval()
+
+
+def plot_losses(log: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, stage, key in ((axes[0], "vae", "rec"), (axes[1], "unet", "loss")):
+        pts = [(r["step"], r[key]) for r in log if r["stage"] == stage]
+        if pts:
+            ax.plot(*zip(*pts))
+        ax.set_title(f"{stage} {key}")
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train_teacher(cfg: TeacherConfig) -> Path:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    work = out.with_name(out.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    unet, vae, text_encoder, tokenizer, scheduler = build_components("tiny-sd", seed=cfg.seed)
+    text_encoder.requires_grad_(False).eval()
+    log: list = []
+    times = {}
+    t0 = time.time()
+    vae_ckpt = work / "vae"
+    if (vae_ckpt / "config.json").exists():  # resume: the VAE stage is done
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(vae_ckpt)
+        latent_std = 1.0 / vae.config.scaling_factor
+        log = json.loads((work / "vae_log.json").read_text())
+    else:
+        latent_std = train_vae(vae, cfg, log)
+        vae.register_to_config(scaling_factor=1.0 / latent_std)
+        vae.save_pretrained(vae_ckpt)
+        (work / "vae_log.json").write_text(json.dumps(log))
+    vae.requires_grad_(False).eval()
+    times["vae_s"] = time.time() - t0
+    t1 = time.time()
+    latents = encode_dataset(vae, text_encoder, tokenizer, cfg)
+    train_unet(unet, scheduler, latents, cfg, log, scaling=vae.config.scaling_factor)
+    times["unet_s"] = time.time() - t1
+    pipe = make_pipeline(unet, vae, text_encoder, tokenizer, scheduler)
+    pipe.save_pretrained(out, safe_serialization=True)
+    plot_losses(log, out / "loss_curves.png")
+    manifest = {
+        "model": "tiny-sd",
+        "config": asdict(cfg),
+        "command": "slimsd train-teacher " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["train-teacher"] else " ".join(sys.argv),
+        "wall_time_s": {k: round(v, 1) for k, v in times.items()},
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "torch": torch.__version__,
+        "text_encoder": "frozen, random init (seed %d)" % cfg.seed,
+        "vae_latent_std": latent_std,
+        "final_losses": {s: next(r for r in reversed(log) if r["stage"] == s) for s in ("vae", "unet")},
+    }
+    (out / "training.json").write_text(json.dumps(manifest, indent=2))
+    (out / "loss_log.json").write_text(json.dumps(log))
+    return out

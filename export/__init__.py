@@ -1,0 +1,1 @@
+"""ONNX / TensorRT export and the Triton model repository."""

@@ -1,0 +1,1 @@
+"""Serving: one denoising pipeline over pluggable runners behind a FastAPI server."""

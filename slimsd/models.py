@@ -1,0 +1,237 @@
+"""Model presets: ``tiny-sd``, ``sd21-base-arch``, or any diffusers folder / hub id.
+
+``resolve_model(spec)`` turns whatever the user typed into a local diffusers
+pipeline folder; every command that takes a MODEL goes through it.
+
+Preset          what it is                                          used for
+--------------  --------------------------------------------------  -------------------------
+tiny-sd         SD v2.1-base block structure at small widths,       everything, offline (default)
+                trained by ``slimsd train-teacher``; committed
+sd21-base-arch  exact SD v2.1-base architecture, random weights     speed / size / export only
+<folder>        any diffusers StableDiffusionPipeline folder        real use
+<hub id>        e.g. stabilityai/stable-diffusion-2-1-base          real use (needs the hub cache
+                                                                    or internet)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+ASSETS = Path(__file__).parent / "assets"
+TINY_SD_DIR = ASSETS / "tiny-sd"
+PRESETS = ("tiny-sd", "sd21-base-arch")
+
+# --- SD v2.1-base, as published in its component config.json files -------------
+SD21_UNET = dict(
+    sample_size=64,  # 512 px / 8
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    attention_head_dim=(5, 10, 20, 20),  # diffusers' name; in SD2 it is the number of heads
+    cross_attention_dim=1024,
+    use_linear_projection=True,
+    norm_num_groups=32,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    upcast_attention=False,
+)
+SD21_TEXT_ENCODER = dict(  # OpenCLIP ViT-H/14 text tower, last layer dropped (23 of 24)
+    vocab_size=49408,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=23,
+    num_attention_heads=16,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    projection_dim=512,
+    bos_token_id=0,
+    eos_token_id=2,
+    pad_token_id=1,
+)
+SD21_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+# DDIM with SD v2.1-base's noise schedule (scheduler_config.json of the release)
+SD21_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+
+# --- tiny-sd: the same blocks at small widths, 64x64 images, 8x8x4 latents ------
+TINY_UNET = dict(
+    SD21_UNET,
+    sample_size=8,  # 64 px / 8
+    block_out_channels=(32, 64, 64, 64),
+    attention_head_dim=(2, 4, 4, 4),  # heads; head dim 16 everywhere
+    cross_attention_dim=128,
+    norm_num_groups=8,
+)
+TINY_TEXT_ENCODER = dict(  # vocab_size is set from the tokenizer we build
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    projection_dim=128,
+)
+TINY_VAE = dict(
+    SD21_VAE,
+    block_out_channels=(16, 32, 64, 64),  # SD's 1:2:4:4 widths; 3 down-samplings: 64 px -> 8x8, as SD
+    layers_per_block=1,  # full-resolution blocks dominate training cost: keep them thin
+    norm_num_groups=16,
+    sample_size=64,
+    scaling_factor=1.0,  # set after training to 1 / std(latents), as SD's 0.18215 was
+)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SLIMSD_CACHE", Path.home() / ".cache" / "slimsd"))
+
+
+def build_components(preset: str, seed: int = 0, tokenizer_dir: str | Path | None = None, device="cpu"):
+    """Randomly initialised ``(unet, vae, text_encoder, tokenizer, scheduler)`` of a preset.
+
+    ``device="meta"`` builds without allocating weights (for counting parameters).
+    """
+    import tempfile
+
+    import torch
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from .tokenizer import build_clip_tokenizer
+
+    if preset == "tiny-sd":
+        unet_cfg, vae_cfg, te_cfg = TINY_UNET, TINY_VAE, TINY_TEXT_ENCODER
+    elif preset == "sd21-base-arch":
+        unet_cfg, vae_cfg, te_cfg = SD21_UNET, SD21_VAE, SD21_TEXT_ENCODER
+    else:
+        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    if tokenizer_dir is not None:
+        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        tokenizer = build_clip_tokenizer(tempfile.mkdtemp(prefix="slimsd-tok-"))
+    te_cfg = dict(te_cfg)
+    if preset == "tiny-sd":
+        te_cfg.update(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    # SD v2.1 pads with "!" (id 0 in its vocab); ours pads with <|endoftext|>, also fine
+    torch.manual_seed(seed)
+    if device == "meta":
+        with init_empty_weights():
+            unet = UNet2DConditionModel(**unet_cfg)
+            vae = AutoencoderKL(**vae_cfg)
+            text_encoder = CLIPTextModel(CLIPTextConfig(**te_cfg))
+    else:
+        unet = UNet2DConditionModel(**unet_cfg)
+        vae = AutoencoderKL(**vae_cfg)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**te_cfg))
+    scheduler = DDIMScheduler(**SD21_SCHEDULER)
+    return unet, vae, text_encoder, tokenizer, scheduler
+
+
+def make_pipeline(unet, vae, text_encoder, tokenizer, scheduler):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _materialize_sd21(out: Path, seed: int = 0) -> Path:
+    """Write the random-weight SD v2.1-base architecture as a pipeline folder (~5 GB fp32)."""
+    tmp = out.with_name(out.name + ".tmp")
+    pipe = make_pipeline(*build_components("sd21-base-arch", seed=seed))
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "SLIMSD_PRESET.json").write_text(json.dumps({"preset": "sd21-base-arch", "seed": seed, "random_weights": True}))
+    tmp.rename(out)  # atomic: a killed run leaves no half folder under the final name
+    return out
+
+
+def is_pipeline_folder(path: Path) -> bool:
+    return (path / "model_index.json").is_file()
+
+
+def resolve_model(spec: str | os.PathLike) -> Path:
+    """Local pipeline folder for a preset name, a folder path, or a hub id.
+
+    Raises ``FileNotFoundError`` naming the spec when nothing usable is found.
+    """
+    s = str(spec)
+    if s == "tiny-sd":
+        if not is_pipeline_folder(TINY_SD_DIR):
+            raise FileNotFoundError(
+                f"tiny-sd weights are missing from {TINY_SD_DIR}; rebuild them with `slimsd train-teacher`"
+            )
+        return TINY_SD_DIR
+    if s == "sd21-base-arch":
+        out = cache_dir() / "sd21-base-arch"
+        if not is_pipeline_folder(out):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _materialize_sd21(out)
+        return out
+    p = Path(s).expanduser()
+    if p.exists():
+        if not is_pipeline_folder(p):
+            raise FileNotFoundError(f"{p} is not a diffusers pipeline folder (no model_index.json)")
+        return p
+    if s.count("/") == 1 and not s.startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        try:  # the hub cache first; the network only if the user allows it
+            return Path(snapshot_download(s, local_files_only=offline))
+        except Exception as e:  # noqa: BLE001 - re-raised with the spec named
+            raise FileNotFoundError(f"model {s!r}: not in the local hub cache and could not be downloaded ({e})") from e
+    raise FileNotFoundError(f"model {s!r}: not a preset ({', '.join(PRESETS)}), a folder, or a hub id")
+
+
+def load_pipeline(spec: str | os.PathLike, dtype=None, scheduler: str | None = None):
+    """``StableDiffusionPipeline`` for ``spec`` (see :func:`resolve_model`)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    folder = resolve_model(spec)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        folder, torch_dtype=dtype or torch.float32, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def count_params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
