@@ -10,6 +10,13 @@ import json
 import sys
 
 
+def _sub(sub, name, **kw) -> argparse.ArgumentParser:
+    """A subcommand that takes ``--json`` like every other."""
+    p = sub.add_parser(name, **kw)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (progress goes to stderr)")
+    return p
+
+
 def _add_train_teacher(sub):
     from dataclasses import asdict
 
@@ -17,7 +24,7 @@ def _add_train_teacher(sub):
 
     D = asdict(TeacherConfig())
 
-    p = sub.add_parser("train-teacher", help="train the tiny-sd teacher (VAE, then U-Net) on the offline scene dataset")
+    p = _sub(sub, "train-teacher", help="train the tiny-sd teacher (VAE, then U-Net) on the offline scene dataset")
     p.add_argument("--out", default=D["out"], help="pipeline folder to write (default: the packaged tiny-sd)")
     for k in ("seed", "vae_steps", "vae_batch", "unet_steps", "unet_batch", "num_latents", "threads"):
         p.add_argument("--" + k.replace("_", "-"), type=int, default=D[k])
@@ -37,9 +44,9 @@ def _cmd_train_teacher(a) -> int:
 
 
 def _add_evaluator(sub):
-    p = sub.add_parser("evaluator", help="the offline scene evaluator (FD / alignment)")
+    p = _sub(sub, "evaluator", help="the offline scene evaluator (FD / alignment)")
     esub = p.add_subparsers(dest="evaluator_command", required=True)
-    t = esub.add_parser("train", help="train the scene classifier on rendered scenes")
+    t = _sub(esub, "train", help="train the scene classifier on rendered scenes")
     t.add_argument("--out", default=None, help="folder (default: the packaged evaluator)")
     t.add_argument("--steps", type=int, default=1500)
     t.add_argument("--batch", type=int, default=64)
@@ -57,7 +64,7 @@ def _cmd_evaluator_train(a) -> int:
 
 
 def _add_evaluate(sub):
-    p = sub.add_parser("evaluate", help="generate for held-out prompts and report FD and alignment")
+    p = _sub(sub, "evaluate", help="generate for held-out prompts and report FD and alignment")
     p.add_argument("model", help="preset (tiny-sd, sd21-base-arch), diffusers folder or hub id")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5)
@@ -66,7 +73,6 @@ def _add_evaluate(sub):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--split", default="heldout", choices=("heldout", "train"))
     p.add_argument("--out", default=None, help="folder for samples.png and metrics.json")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -86,10 +92,30 @@ def _cmd_evaluate(a) -> int:
     return 0
 
 
+def _add_info(sub):
+    p = _sub(sub, "info", help="parameters of each component of a model")
+    p.add_argument("model", help="preset (tiny-sd, sd21-base-arch), diffusers folder or hub id")
+    p.set_defaults(func=_cmd_info)
+
+
+def _cmd_info(a) -> int:
+    from slimsd.info import info
+
+    r = info(a.model)
+    if a.json:
+        print(json.dumps(r))
+        return 0
+    print(f"{r['model']}")
+    for name, n in r["params"].items():
+        print(f"  {name:<13} {n:>15,d} params")
+    print(f"  {'total':<13} {r['total_params']:>15,d} params")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slimsd", description=__doc__.splitlines()[0])
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_info(sub)
     _add_train_teacher(sub)
     _add_evaluator(sub)
     _add_evaluate(sub)
