@@ -73,12 +73,28 @@ def _add_evaluate(sub):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--split", default="heldout", choices=("heldout", "train"))
     p.add_argument("--out", default=None, help="folder for samples.png and metrics.json")
+    p.add_argument("--metrics", default="scene", help="'scene' (FD, alignment; offline scene prompts) or a comma list "
+                   "of fid,clip,is for real SD (needs --reference and local weights)")
+    p.add_argument("--reference", default=None, help="image+caption data for fid/clip/is: folder, CSV/JSONL, "
+                   "webdataset shards or HF dataset (e.g. MS-COCO 2014 val captions)")
+    p.add_argument("--clip-model", default=None, help="local folder of a transformers CLIPModel + processor")
+    p.add_argument("--inception-weights", default=None, help="local pt_inception-2015-12-05-6726825d.pth")
+    p.add_argument("--resolution", type=int, default=512, help="reference image size for fid/clip/is")
     p.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_evaluate(a) -> int:
-    from slimsd.evaluator import evaluate
+    from slimsd.evaluator import evaluate, evaluate_coco
 
+    if a.metrics != "scene":
+        if not a.reference:
+            raise ValueError("--reference is required with --metrics fid,clip,is")
+        r = evaluate_coco(a.model, a.reference, steps=a.steps, guidance=a.guidance, num_prompts=a.num_prompts,
+                          seed=a.seed, out=a.out, clip_model=a.clip_model, inception_weights=a.inception_weights,
+                          metrics=[m.strip() for m in a.metrics.split(",")], resolution=a.resolution,
+                          batch_size=a.batch_size)
+        print(json.dumps(r) if a.json else json.dumps(r, indent=2))
+        return 0
     r = evaluate(a.model, steps=a.steps, guidance=a.guidance, num_prompts=a.num_prompts, seed=a.seed,
                  out=a.out, split=a.split, batch_size=a.batch_size)
     if a.json:
@@ -125,7 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
-    return a.func(a)
+    try:
+        return a.func(a)
+    except (FileNotFoundError, ValueError) as e:  # user errors: one line naming what is wrong
+        print(f"slimsd {a.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -150,16 +150,20 @@ def train_evaluator(out: str | Path = EVALUATOR_DIR, steps: int = 1500, batch: i
         "wall_time_s": round(time.time() - t0, 1),
         "command": f"slimsd evaluator train --steps {steps}",
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return manifest
+    from slimsd.manifest import write_manifest
+
+    return write_manifest(out, **manifest)
 
 
 def load_evaluator(path: str | Path = EVALUATOR_DIR) -> SceneClassifier:
     from safetensors.torch import load_file
 
+    from slimsd.manifest import verify_manifest
+
     f = Path(path) / "model.safetensors"
     if not f.is_file():
         raise FileNotFoundError(f"evaluator weights missing: {f} (train them with `slimsd evaluator train`)")
+    verify_manifest(Path(path))
     model = SceneClassifier()
     try:
         model.load_state_dict(load_file(f))
@@ -254,6 +258,41 @@ def evaluate(model, steps: int = 25, guidance: float = 7.5, num_prompts: int = 2
     result = score_scene_images(images, prompts, seed=seed)
     result.update(model=str(model), steps=steps, guidance=guidance, num_prompts=num_prompts, seed=seed,
                   split=split, wall_time_s=round(time.time() - t0, 1))
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        save_grid(images[:64], out / "samples.png", captions=prompts[:64])
+        (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def evaluate_coco(model, reference: str, steps: int = 25, guidance: float = 7.5, num_prompts: int = 5000,
+                  seed: int = 0, out: str | Path | None = None, clip_model: str | None = None,
+                  inception_weights: str | None = None, metrics=("fid", "clip", "is"), resolution: int = 512,
+                  generate_fn: GenerateFn | None = None, batch_size: int = 8) -> dict:
+    """The paper's protocol on real SD: prompts and reference images from ``reference``
+    (e.g. a CSV / folder / HF dataset of MS-COCO 2014 val captions, see
+    :func:`slimsd.data.user.open_dataset`), FID / CLIP score / IS on the generated images."""
+    from itertools import islice
+
+    from slimsd.data.user import open_dataset
+    from slimsd.metrics_coco import coco_metrics
+
+    t0 = time.time()
+    pairs = list(islice(iter(open_dataset(reference, resolution=resolution)), num_prompts))
+    if not pairs:
+        raise ValueError(f"reference {reference!r} yielded no image/caption pairs")
+    refs, prompts = [im for im, _ in pairs], [c for _, c in pairs]
+    seeds = [seed * 100_003 + i for i in range(len(prompts))]
+    if generate_fn is None:
+        from slimsd.models import load_pipeline
+
+        generate_fn = diffusers_generate_fn(load_pipeline(model), steps, guidance, batch_size=batch_size)
+    images = generate_fn(prompts, seeds)
+    result = coco_metrics(images, prompts, refs, clip_model=clip_model, inception_weights=inception_weights,
+                          metrics=tuple(metrics))
+    result.update(model=str(model), steps=steps, guidance=guidance, num_prompts=len(prompts), seed=seed,
+                  reference=str(reference), wall_time_s=round(time.time() - t0, 1))
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

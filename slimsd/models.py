@@ -197,6 +197,9 @@ def resolve_model(spec: str | os.PathLike) -> Path:
             raise FileNotFoundError(
                 f"tiny-sd weights are missing from {TINY_SD_DIR}; rebuild them with `slimsd train-teacher`"
             )
+        from slimsd.manifest import verify_manifest
+
+        verify_manifest(TINY_SD_DIR)  # a corrupt committed artifact is refused, naming the file
         return TINY_SD_DIR
     if s == "sd21-base-arch":
         out = cache_dir() / "sd21-base-arch"

@@ -60,3 +60,15 @@ def test_eval_prompts_are_heldout_and_cover_scenes():
     assert len(pairs) == 256
     assert all(parse_caption(p) == s and s in HELDOUT_SCENES for p, s in pairs)
     assert len({s for _, s in pairs}) == len(HELDOUT_SCENES)  # 256 >= 135: every held-out scene is asked
+
+
+@pytest.mark.parametrize("orient", ["h", "v"])
+def test_relation_is_never_ambiguous(orient):
+    """Along the relation axis objects are further apart than across it, in every render."""
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        img = np.asarray(render(Scene(orient, "red", "circle", "blue", "circle"), rng)).astype(int)
+        red = np.argwhere((img[..., 0] > 150) & (img[..., 2] < 100)).mean(0)  # (y, x)
+        blue = np.argwhere((img[..., 2] > 150) & (img[..., 0] < 100)).mean(0)
+        d_main, d_cross = (blue - red)[::-1] if orient == "h" else (blue - red)
+        assert d_main > 15 and abs(d_cross) < d_main - 5

@@ -154,7 +154,7 @@ def test_jsonl_with_explicit_columns(tmp_path, images):
     table = tmp_path / "sub" / "t.jsonl"
     table.parent.mkdir()
     # relative to the table's folder, not the working directory
-    lines = [json.dumps({"pic": f"../imgs/{p.name if c != 'blue' else 'sub/b.png'}", "alt": f"{c} x"}) for c, p in images.items()]
+    lines = [json.dumps({"pic": f"../{p.relative_to(tmp_path)}", "alt": f"{c} x"}) for c, p in images.items()]
     table.write_text("\n".join(lines) + "\n\n")  # blank lines are ignored
     ds = open_dataset(str(table), resolution=8, image_column="pic", caption_column="alt")
     assert check_pairs(ds, 8) == ["red x", "green x", "blue x"]
@@ -214,7 +214,7 @@ def test_corrupt_images_are_skipped_with_a_warning(tmp_path, images):
     messages = " ".join(str(w.message) for w in record)
     assert "broken.png" in messages and "trunc.png" in messages
     # indexing a bad file has nothing to skip to: it raises, naming the file
-    index = [c for _, c in (ds.source.records[i].image and (None, ds.source.records[i].caption) for i in range(5))].index("broken")
+    index = [record.caption for record in ds.source.records].index("broken")
     with pytest.raises(ValueError, match="broken.png"):
         ds[index]
 
@@ -373,7 +373,9 @@ def test_hf_dataset_dict_split_and_corrupt_bytes(tmp_path):
          "caption": ["red a", "bad"]},
         features=feats,
     )
-    test = datasets.Dataset.from_dict({"img": [{"bytes": png_bytes("blue"), "path": None}], "caption": ["blue b"]}, features=feats)
+    test = datasets.Dataset.from_dict(
+        {"img": [{"bytes": png_bytes("blue"), "path": None}], "caption": ["blue b"]}, features=feats
+    )
     datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "dd"))
 
     ds = open_dataset(str(tmp_path / "dd"), resolution=8)
@@ -387,9 +389,25 @@ def test_hf_dataset_dict_split_and_corrupt_bytes(tmp_path):
 
 def test_hf_url_column_refused_and_detection_error(tmp_path):
     datasets = pytest.importorskip("datasets")
-    datasets.Dataset.from_dict({"image": ["https://example.com/x.jpg"], "text": ["x"]}).save_to_disk(str(tmp_path / "u"))
+    urls = datasets.Dataset.from_dict({"image": ["https://example.com/x.jpg"], "text": ["x"]})
+    urls.save_to_disk(str(tmp_path / "u"))
     with pytest.raises(UnsupportedImageError, match="URL"):
         open_dataset(str(tmp_path / "u"))
     datasets.Dataset.from_dict({"URL": ["https://e.com/x.jpg"], "TEXT": ["x"]}).save_to_disk(str(tmp_path / "laion"))
     with pytest.raises(ValueError, match=r"holds the image.*'URL'.*img2dataset"):
         open_dataset(str(tmp_path / "laion"))
+
+
+def test_hf_local_parquet_via_load_dataset_and_image_feature_fallback(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict(
+        {"pixels": [Image.new("RGB", (9, 9), COLOURS["red"])], "prompt": ["red only"]},
+        features=datasets.Features({"pixels": datasets.Image(), "prompt": datasets.Value("string")}),
+    )
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    ds.to_parquet(str(tmp_path / "repo" / "data" / "train-00000.parquet"))
+    # a local Hub-style repo goes to load_dataset (not streamed: it is local);
+    # "pixels" is found as the only Image feature
+    opened = open_dataset(str(tmp_path / "repo"), resolution=4)
+    assert not opened.streaming and len(opened) == 1
+    assert check_pairs(opened, 4) == ["red only"]

@@ -161,8 +161,10 @@ def render(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> Im
 
     u = size / 64.0 * _SUPERSAMPLE  # layout is defined on a 64 px canvas
     r_a, r_b = rng.uniform(7, 10, size=2)
-    main_a, main_b = rng.uniform(12, 22), rng.uniform(42, 52)  # along the relation axis
-    cross_a, cross_b = rng.uniform(16, 48, size=2)  # across it
+    # along the relation axis the centres are >= 20 px apart; across it they differ by
+    # <= 14 px, so "left of" and "above" can never describe the same picture
+    main_a, main_b = rng.uniform(12, 22), rng.uniform(42, 52)
+    cross_a, cross_b = rng.uniform(25, 39, size=2)
     if scene.orient == "h":
         pa, pb = (main_a, cross_a), (main_b, cross_b)
     else:
