@@ -50,6 +50,8 @@ class TeacherConfig:
     caption_dropout: float = 0.1
     num_latents: int = 40_000  # training images encoded once by the frozen VAE
     threads: int = 0  # 0: torch default
+    evaluate: bool = True  # score the result and write manifest.json (needs the evaluator)
+    eval_prompts: int = 256
 
 
 def _cosine_lr(step: int, total: int, warmup: int) -> float:
@@ -218,4 +220,37 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     }
     (out / "training.json").write_text(json.dumps(manifest, indent=2))
     (out / "loss_log.json").write_text(json.dumps(log))
+    if cfg.evaluate:
+        finalize_manifest(out, num_prompts=cfg.eval_prompts)
     return out
+
+
+# (steps, guidance) settings recorded in the manifest: the teacher's default, CFG off,
+# and the 8-step budget the distilled student targets
+EVAL_SETTINGS = ((25, 7.5), (25, 1.0), (8, 7.5))
+
+
+def finalize_manifest(folder: str | Path, num_prompts: int = 256, seed: int = 0) -> dict:
+    """Evaluate the pipeline at :data:`EVAL_SETTINGS` and write ``manifest.json``
+    (sha256 of every file, training record, metrics)."""
+    from slimsd.evaluator import evaluate
+    from slimsd.manifest import write_manifest
+
+    folder = Path(folder)
+    metrics = {}
+    for steps, guidance in EVAL_SETTINGS:
+        r = evaluate(str(folder), steps=steps, guidance=guidance, num_prompts=num_prompts, seed=seed,
+                     out=folder / "eval" / f"steps{steps}_cfg{guidance:g}")
+        metrics[f"steps{steps}_cfg{guidance:g}"] = {k: r[k] for k in ("fd", "alignment", "attribute_accuracy", "wall_time_s")}
+    m25, m8 = metrics["steps25_cfg7.5"], metrics["steps8_cfg7.5"]
+    training = json.loads((folder / "training.json").read_text())
+    return write_manifest(
+        folder,
+        model="tiny-sd",
+        training=training,
+        metrics=metrics,
+        eval_protocol=f"slimsd evaluate MODEL --steps S --guidance G --num-prompts {num_prompts} --seed {seed} (held-out scenes)",
+        steps_8_vs_25={"fd_increase": m8["fd"] - m25["fd"], "alignment_drop": m25["alignment"] - m8["alignment"]},
+        default_steps=25,
+        default_guidance=7.5,
+    )

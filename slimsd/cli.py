@@ -26,7 +26,8 @@ def _add_train_teacher(sub):
 
     p = _sub(sub, "train-teacher", help="train the tiny-sd teacher (VAE, then U-Net) on the offline scene dataset")
     p.add_argument("--out", default=D["out"], help="pipeline folder to write (default: the packaged tiny-sd)")
-    for k in ("seed", "vae_steps", "vae_batch", "unet_steps", "unet_batch", "num_latents", "threads"):
+    p.add_argument("--no-evaluate", dest="evaluate", action="store_false", help="skip scoring the result")
+    for k in ("seed", "vae_steps", "vae_batch", "unet_steps", "unet_batch", "num_latents", "threads", "eval_prompts"):
         p.add_argument("--" + k.replace("_", "-"), type=int, default=D[k])
     for k in ("vae_lr", "unet_lr", "ema_decay", "caption_dropout"):
         p.add_argument("--" + k.replace("_", "-"), type=float, default=D[k])
@@ -111,6 +112,10 @@ def _cmd_evaluate(a) -> int:
 def _add_info(sub):
     p = _sub(sub, "info", help="parameters of each component of a model")
     p.add_argument("model", help="preset (tiny-sd, sd21-base-arch), diffusers folder or hub id")
+    p.add_argument("--blocks", action="store_true", help="per-block table: params, MACs, latency, removable")
+    p.add_argument("--latent-size", type=int, default=None, help="latent size for MACs/latency (default: the U-Net's)")
+    p.add_argument("--batch", type=int, default=2, help="batch for MACs/latency (2 = one image with CFG)")
+    p.add_argument("--no-latency", dest="latency", action="store_false", help="skip the latency measurement")
     p.set_defaults(func=_cmd_info)
 
 
@@ -118,6 +123,10 @@ def _cmd_info(a) -> int:
     from slimsd.info import info
 
     r = info(a.model)
+    if a.blocks:
+        from slimsd.info import blocks_table
+
+        r["blocks"] = blocks_table(a.model, latency=a.latency, latent_size=a.latent_size, batch=a.batch)
     if a.json:
         print(json.dumps(r))
         return 0
@@ -125,6 +134,115 @@ def _cmd_info(a) -> int:
     for name, n in r["params"].items():
         print(f"  {name:<13} {n:>15,d} params")
     print(f"  {'total':<13} {r['total_params']:>15,d} params")
+    if a.blocks:
+        print(f"\n{'block':<22}{'kind':<9}{'params':>14}{'GMACs':>10}{'ms':>10}  removable")
+        for b in r["blocks"]:
+            ms = f"{b['latency_ms']:.2f}" if b.get("latency_ms") is not None else "-"
+            rm = "yes" if b["removable"] else f"no ({b['reason']})"
+            print(f"{b['name']:<22}{b['kind']:<9}{b['params']:>14,d}{b['macs'] / 1e9:>10.3f}{ms:>10}  {rm}")
+    return 0
+
+
+def _add_compress(sub):
+    p = _sub(sub, "compress", help="build toolchain: sensitivity analysis, pruning")
+    csub = p.add_subparsers(dest="compress_command", required=True)
+
+    s = _sub(csub, "sensitivity", help="quality with each U-Net block replaced by identity (paper Fig. 1)")
+    s.add_argument("model")
+    s.add_argument("--out", required=True, help="report folder (resumable: rerun to continue)")
+    s.add_argument("--steps", type=int, default=25)
+    s.add_argument("--guidance", type=float, default=7.5)
+    s.add_argument("--num-prompts", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--metrics", default="scene", help="scene (FD, alignment) or fid,clip,is (real SD)")
+    s.add_argument("--reference", default=None)
+    s.add_argument("--clip-model", default=None)
+    s.add_argument("--inception-weights", default=None)
+    s.add_argument("--blocks", default=None, help="comma list of block names (default: all removable)")
+    s.set_defaults(func=_cmd_sensitivity)
+
+    r = _sub(csub, "prune", help="remove blocks under a budget (or a BK-SDM preset) and write a pipeline folder")
+    r.add_argument("model")
+    r.add_argument("--out", required=True, help="pruned pipeline folder to write")
+    r.add_argument("--report", default=None, help="sensitivity.json (from `slimsd compress sensitivity`)")
+    r.add_argument("--preset", default=None, choices=sorted(_prune_presets()))
+    r.add_argument("--blocks", default=None, help="comma list of blocks to remove (explicit plan)")
+    r.add_argument("--policy", default="sensitivity", help="sensitivity | sensitivity-per-param | sensitivity-per-ms")
+    r.add_argument("--keep-params", type=float, default=None, help="fraction of U-Net params to keep, e.g. 0.54")
+    r.add_argument("--target-params", type=float, default=None, help="U-Net params to keep, e.g. 466e6")
+    r.add_argument("--target-latency-ms", type=float, default=None, help="U-Net step latency to reach on this machine")
+    r.add_argument("--tolerance", type=float, default=0.02)
+    r.add_argument("--latent-size", type=int, default=None, help="latent size for latency (default: the U-Net's)")
+    r.add_argument("--plan-only", action="store_true", help="write the plan JSON, not the pipeline")
+    r.set_defaults(func=_cmd_prune)
+
+
+def _prune_presets():
+    return ("bk-base", "bk-small", "bk-tiny")
+
+
+def _cmd_sensitivity(a) -> int:
+    from slimsd.compress.sensitivity import SensitivityConfig, run_sensitivity
+
+    accelerator = None
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under `accelerate launch`
+        from accelerate import Accelerator
+
+        accelerator = Accelerator()
+    cfg = SensitivityConfig(model=a.model, out=a.out, steps=a.steps, guidance=a.guidance, num_prompts=a.num_prompts,
+                            seed=a.seed, batch_size=a.batch_size, metrics=a.metrics, reference=a.reference,
+                            clip_model=a.clip_model, inception_weights=a.inception_weights,
+                            blocks=a.blocks.split(",") if a.blocks else None)
+    r = run_sensitivity(cfg, accelerator)
+    if not r:
+        return 0
+    if a.json:
+        print(json.dumps({"out": a.out, "unpruned": r["unpruned"], "blocks": len(r["blocks"])}))
+    else:
+        print(f"wrote {a.out}/sensitivity.json, sensitivity.csv, sensitivity.png")
+    return 0
+
+
+def _cmd_prune(a) -> int:
+    from pathlib import Path
+
+    from slimsd.compress.prune import PRESETS, plan_pruning, prune_pipeline, unet_block_costs
+
+    if sum(x is not None for x in (a.preset, a.blocks, a.report)) != 1:
+        raise ValueError("give exactly one of --preset, --blocks or --report")
+    if a.preset:
+        plan = {"preset": a.preset, "removed_blocks": PRESETS[a.preset]}
+    elif a.blocks:
+        plan = {"removed_blocks": a.blocks.split(",")}
+    else:
+        report = json.loads(Path(a.report).read_text())
+        need_latency = a.policy == "sensitivity-per-ms" or a.target_latency_ms is not None
+        # costs of the model being pruned (the report may come from a proxy with the same block names)
+        params, lat, total, total_ms = unet_block_costs(a.model, need_latency, a.latent_size)
+        keep = a.keep_params
+        plan = plan_pruning(report, a.policy, keep_params=keep,
+                            target_params=int(a.target_params) if a.target_params else None,
+                            target_latency_ms=a.target_latency_ms, latency_ms=lat or None, params=params,
+                            total_params=total, total_latency_ms=total_ms, tolerance=a.tolerance)
+        plan["sensitivity_report"] = str(a.report)
+    out = Path(a.out)
+    if a.plan_only:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        path = out if out.suffix == ".json" else out.with_suffix(".json")
+        path.write_text(json.dumps(plan, indent=2))
+        print(json.dumps(plan) if a.json else f"wrote {path}")
+        return 0
+    prune_pipeline(a.model, plan["removed_blocks"], out, plan)
+    final = json.loads((out / "prune_plan.json").read_text())
+    if a.json:
+        print(json.dumps(final))
+    else:
+        u = final["unet_params"]
+        print(f"wrote {out}: U-Net {u['before']:,d} -> {u['after']:,d} params ({u['kept_fraction']:.1%} kept), "
+              f"{len(final['removed_blocks'])} blocks removed")
     return 0
 
 
@@ -135,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_teacher(sub)
     _add_evaluator(sub)
     _add_evaluate(sub)
+    _add_compress(sub)
     return p
 
 

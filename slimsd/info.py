@@ -40,3 +40,15 @@ def component_params(spec) -> dict[str, int]:
 def info(spec) -> dict:
     params = component_params(spec)
     return {"model": str(spec), "params": params, "total_params": sum(params.values())}
+
+
+def blocks_table(spec, latency: bool = True, latent_size: int | None = None, batch: int = 2) -> list[dict]:
+    """Per-block params / MACs / latency of the U-Net (``slimsd info MODEL --blocks``)."""
+    from slimsd.compress.profile import block_table
+    from slimsd.models import build_components, load_pipeline
+
+    if str(spec) == "sd21-base-arch":  # random weights: build in memory, no 5 GB folder needed
+        unet = build_components("sd21-base-arch")[0].eval()
+    else:
+        unet = load_pipeline(spec).unet
+    return block_table(unet, batch=batch, latent_size=latent_size, latency=latency)
