@@ -1,0 +1,123 @@
+r"""Training losses of the paper, one function per equation (../shared/paper.md §3.2-3.3).
+
+Notation (as the paper and DDIM; all per-sample tensors broadcast over (B, C, h, w)):
+
+=====================  =====================================================================
+symbol                 meaning
+=====================  =====================================================================
+``z_0``                clean latent of a training image (VAE latent x scaling factor)
+``t, t', t''``         timesteps, t > t' > t''
+``abar_t``             cumulative product of (1 - beta) at t (``scheduler.alphas_cumprod``)
+``alpha_t, sigma_t``   sqrt(abar_t), sqrt(1 - abar_t);  z_t = alpha_t z_0 + sigma_t eps
+``c``                  text condition; ``eps(z_t, t, c)`` noise prediction, ``eps(z_t, t, {})``
+                       the unconditional one (empty prompt)
+``w``                  classifier-free guidance scale
+``CFG(eps)``           eps_uncond + w (eps_cond - eps_uncond)
+``x(theta, z_t, t, c)``  clean-latent prediction of model theta under CFG (eq. 1)
+``T, S``               teacher, student
+=====================  =====================================================================
+
+Stage 1 (eq. 2):  L = l_Diff L_Diff + l_OutKD L_OutKD + l_CfgKD L_CfgKD
+Stage 2 (eq. 3):  L = l_Diff L_Diff + l_StepReduc L_StepReduc
+
+Every loss returns the mean over the batch of a per-sample mean squared error, optionally
+weighted per sample (e.g. :func:`truncated_snr_weight`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _per_sample_mse(a: Tensor, b: Tensor, weight: Tensor | None = None) -> Tensor:
+    err = F.mse_loss(a.float(), b.float(), reduction="none").flatten(1).mean(1)  # (B,)
+    if weight is not None:
+        err = err * weight.flatten().float()
+    return err.mean()
+
+
+def _bcast(v: Tensor, like: Tensor) -> Tensor:
+    """(B,) -> (B, 1, 1, 1) to broadcast against latents."""
+    v = torch.as_tensor(v, dtype=torch.float32, device=like.device)
+    return v.reshape(-1, *([1] * (like.ndim - 1))) if v.ndim else v
+
+
+def alpha_sigma(abar_t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    """alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), shaped to broadcast against ``like``."""
+    abar = _bcast(abar_t, like)
+    return abar.sqrt(), (1 - abar).sqrt()
+
+
+def cfg(eps_uncond: Tensor, eps_cond: Tensor, w: Tensor | float) -> Tensor:
+    """CFG(eps) = eps_uncond + w (eps_cond - eps_uncond)  (classifier-free guidance)."""
+    w = _bcast(w, eps_cond) if torch.is_tensor(w) else w
+    return eps_uncond + w * (eps_cond - eps_uncond)
+
+
+def x_from_eps(z_t: Tensor, eps: Tensor, abar_t: Tensor) -> Tensor:
+    """x = (z_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)   (the predictor of eq. 1)."""
+    alpha_t, sigma_t = alpha_sigma(abar_t, z_t)
+    return (z_t - sigma_t * eps) / alpha_t
+
+
+def loss_diff(eps_pred: Tensor, eps: Tensor, weight: Tensor | None = None) -> Tensor:
+    """L_Diff = E || eps - eps_theta(z_t, t, c) ||^2   (the usual denoising loss)."""
+    return _per_sample_mse(eps_pred, eps, weight)
+
+
+def loss_out_kd(eps_teacher: Tensor, eps_student: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Eq. 2: L_OutKD = E || eps_T(z_t, t, c) - eps_S(z_t, t, c) ||^2."""
+    return _per_sample_mse(eps_student, eps_teacher.detach(), weight)
+
+
+def loss_cfg_kd(z_t: Tensor, abar_t: Tensor, w: Tensor | float,
+                eps_teacher_uncond: Tensor, eps_teacher_cond: Tensor,
+                eps_student_uncond: Tensor, eps_student_cond: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Eq. 1: L_CfgKD = E || x(T, z_t, t, c) - x(S, z_t, t, c) ||^2,
+    x(theta, z_t, t, c) = (z_t - sqrt(1 - abar_t) CFG(eps_theta)) / sqrt(abar_t)."""
+    x_T = x_from_eps(z_t, cfg(eps_teacher_uncond, eps_teacher_cond, w), abar_t).detach()
+    x_S = x_from_eps(z_t, cfg(eps_student_uncond, eps_student_cond, w), abar_t)
+    return _per_sample_mse(x_S, x_T, weight)
+
+
+def ddim_step(z_t: Tensor, eps: Tensor, abar_t: Tensor, abar_s: Tensor) -> Tensor:
+    """Deterministic DDIM update t -> s (eta = 0): z_s = alpha_s x + sigma_s eps, x from eq. 1."""
+    alpha_s, sigma_s = alpha_sigma(abar_s, z_t)
+    return alpha_s * x_from_eps(z_t, eps, abar_t) + sigma_s * eps
+
+
+def step_reduc_target(z_t: Tensor, z_tpp: Tensor, abar_t: Tensor, abar_tpp: Tensor) -> Tensor:
+    """Target of eq. 3: the clean latent that takes the student from z_t to the teacher's z_t''
+    in ONE DDIM step:  x* = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t)."""
+    alpha_t, sigma_t = alpha_sigma(abar_t, z_t)
+    alpha_tpp, sigma_tpp = alpha_sigma(abar_tpp, z_t)
+    ratio = sigma_tpp / sigma_t
+    return (z_tpp - ratio * z_t) / (alpha_tpp - ratio * alpha_t)
+
+
+def loss_step_reduc(x_student: Tensor, z_t: Tensor, z_tpp: Tensor, abar_t: Tensor, abar_tpp: Tensor,
+                    weight: Tensor | None = None) -> Tensor:
+    """Eq. 3: L_StepReduc = E || x(S, z_t, t, c) - x*(z_t, z_t'') ||^2, where z_t'' is the teacher's
+    latent after two CFG DDIM steps t -> t' -> t'' and x(S, ...) the student's CFG clean latent."""
+    target = step_reduc_target(z_t, z_tpp, abar_t, abar_tpp).detach()
+    return _per_sample_mse(x_student, target, weight)
+
+
+def truncated_snr_weight(abar_t: Tensor) -> Tensor:
+    """SnapFusion's truncated SNR weighting for x-space losses: max(alpha_t^2 / sigma_t^2, 1)."""
+    abar = torch.as_tensor(abar_t, dtype=torch.float32)
+    return (abar / (1 - abar)).clamp(min=1.0)
+
+
+def loss_feature_kd(features_teacher: list[Tensor], features_student: list[Tensor]) -> Tensor:
+    """BK-SDM's feature-level KD (the baseline): sum over matched block outputs of the MSE."""
+    if len(features_teacher) != len(features_student):
+        raise ValueError(f"feature KD needs matched lists, got {len(features_teacher)} and {len(features_student)}")
+    return sum(F.mse_loss(s.float(), t.detach().float()) for t, s in zip(features_teacher, features_student))
+
+
+def sample_guidance(batch: int, low: float = 2.0, high: float = 14.0, generator=None, device=None) -> Tensor:
+    """w ~ U[low, high] per sample (SnapFusion's range for CFG-aware distillation)."""
+    return low + (high - low) * torch.rand(batch, generator=generator, device=device)
