@@ -246,6 +246,98 @@ def _cmd_prune(a) -> int:
     return 0
 
 
+def _add_export(sub):
+    p = _sub(sub, "export", help="ONNX / TensorRT export and the Triton model repository (docs/export.md)")
+    esub = p.add_subparsers(dest="export_command", required=True)
+
+    o = _sub(esub, "onnx", help="text encoder, U-Net and VAE decoder as ONNX, with parity checks")
+    o.add_argument("model", help="preset (tiny-sd, sd21-base-arch), diffusers folder or hub id")
+    o.add_argument("out", help="folder to write (model.onnx per component, tokenizer, scheduler, manifest.json)")
+    o.add_argument("--dtype", default="float32", choices=("float32", "float16"))
+    o.add_argument("--dynamic-hw", action="store_true", help="dynamic height/width (batch is always dynamic)")
+    o.add_argument("--opset", type=int, default=17)
+    o.add_argument("--no-optimize", dest="optimize", action="store_false",
+                   help="skip the onnxruntime 'basic' offline graph clean-up")
+    o.add_argument("--external-data", default="auto", choices=("auto", "always", "never"),
+                   help="weights in model.onnx_data: auto = over 2 GB")
+    o.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity check")
+    o.add_argument("--tolerance", type=float, default=None, help="max relative error (default 1e-3 fp32, 1e-2 fp16)")
+    o.add_argument("--verify-batch", type=int, default=3)
+    o.add_argument("--force", action="store_true", help="re-export components the manifest says are up to date")
+    o.set_defaults(func=_cmd_export_onnx)
+
+    t = _sub(esub, "tensorrt", help="TensorRT engines from an ONNX export (needs a GPU and tensorrt)")
+    t.add_argument("onnx_dir")
+    t.add_argument("out", help="folder for <component>.plan, timing.cache, manifest.json")
+    t.add_argument("--no-fp16", dest="fp16", action="store_false")
+    t.add_argument("--min-batch", type=int, default=1)
+    t.add_argument("--opt-batch", type=int, default=2)
+    t.add_argument("--max-batch", type=int, default=8)
+    for k in ("min", "opt", "max"):
+        t.add_argument(f"--{k}-hw", type=int, default=None, help=f"{k} image size in px (--dynamic-hw exports)")
+    t.add_argument("--workspace-gb", type=float, default=8.0)
+    t.add_argument("--timing-cache", default=None, help="default OUT/timing.cache")
+    t.add_argument("--components", default="text_encoder,unet,vae_decoder")
+    t.add_argument("--force", action="store_true")
+    t.add_argument("--dry-run", action="store_true", help="print the build plan (profiles, flags); needs no GPU")
+    t.set_defaults(func=_cmd_export_tensorrt)
+
+    r = _sub(esub, "triton", help="Triton model repository (onnxruntime or tensorrt models + python pipeline)")
+    r.add_argument("onnx_dir")
+    r.add_argument("--out", default="model_repository")
+    r.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"))
+    r.add_argument("--engines", default=None, help="folder of <component>.plan (with --backend tensorrt)")
+    r.add_argument("--kind", default="gpu", choices=("gpu", "cpu"), help="instance kind of the three models")
+    r.add_argument("--instances", type=int, default=1)
+    r.add_argument("--max-queue-delay-us", type=int, default=0)
+    r.add_argument("--copy", dest="link", action="store_false", help="copy model files instead of hardlinking")
+    r.set_defaults(func=_cmd_export_triton)
+
+
+def _cmd_export_onnx(a) -> int:
+    from slimsd.export.onnx import OnnxExportConfig, export_onnx
+
+    fields = OnnxExportConfig.__dataclass_fields__
+    r = export_onnx(a.model, a.out, OnnxExportConfig(**{k: v for k, v in vars(a).items() if k in fields}))
+    if a.json:
+        print(json.dumps(r))
+    else:
+        for name, c in r["components"].items():
+            err = "not verified" if c["parity"] is None else f"relative error {c['parity']:.2e}"
+            print(f"{name:<13} {c['status']:<9} {err}")
+        print(f"wrote {r['out']}")
+    return 0
+
+
+def _cmd_export_tensorrt(a) -> int:
+    from slimsd.export.tensorrt import TensorRTConfig, TensorRTUnavailable, export_tensorrt, plan_engines
+
+    cfg = TensorRTConfig(fp16=a.fp16, min_batch=a.min_batch, opt_batch=a.opt_batch, max_batch=a.max_batch,
+                         min_hw=a.min_hw, opt_hw=a.opt_hw, max_hw=a.max_hw, workspace_gb=a.workspace_gb,
+                         timing_cache=a.timing_cache, components=tuple(a.components.split(",")), force=a.force)
+    if a.dry_run:
+        plan = {j.component: {"onnx": str(j.onnx), "plan": str(j.plan), **j.settings} for j in plan_engines(a.onnx_dir, a.out, cfg)}
+        print(json.dumps(plan) if a.json else json.dumps(plan, indent=2))
+        return 0
+    try:
+        r = export_tensorrt(a.onnx_dir, a.out, cfg)
+    except TensorRTUnavailable as e:
+        print(f"slimsd export tensorrt: error: {e}", file=sys.stderr)
+        return 3
+    print(json.dumps(r) if a.json else f"wrote {r['out']}")
+    return 0
+
+
+def _cmd_export_triton(a) -> int:
+    from slimsd.export.triton import TritonConfig, export_triton
+
+    cfg = TritonConfig(backend=a.backend, engines=a.engines, kind=a.kind, instances=a.instances,
+                       max_queue_delay_us=a.max_queue_delay_us, link=a.link)
+    r = export_triton(a.onnx_dir, a.out, cfg)
+    print(json.dumps({"out": a.out, "models": r}) if a.json else f"wrote {a.out}: {', '.join(r)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slimsd", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -254,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluator(sub)
     _add_evaluate(sub)
     _add_compress(sub)
+    _add_export(sub)
     return p
 
 

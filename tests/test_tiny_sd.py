@@ -1,0 +1,49 @@
+"""The committed tiny-sd teacher: loads offline with plain diffusers, is intact, follows prompts, needs CFG."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from slimsd.evaluator import evaluate
+from slimsd.manifest import CorruptArtifactError, verify_manifest
+from slimsd.models import TINY_SD_DIR, resolve_model
+
+
+def test_loads_offline_with_plain_diffusers_and_generates():
+    pipe = StableDiffusionPipeline.from_pretrained(TINY_SD_DIR, safety_checker=None, requires_safety_checker=False)
+    out = pipe("a red circle left of a blue square", num_inference_steps=5, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 64, 64, 3) and out.std() > 0.05
+
+
+def test_manifest_records_training_and_metrics_and_matches_files():
+    m = verify_manifest(TINY_SD_DIR)
+    assert m["training"]["wall_time_s"]["unet_s"] > 0 and "train-teacher" in m["training"]["command"]
+    assert m["metrics"]["steps25_cfg7.5"]["alignment"] >= 0.90  # the issue's bar, on 256 held-out prompts
+
+
+def test_a_modified_weight_file_is_refused(tmp_path):
+    copy = tmp_path / "tiny"
+    shutil.copytree(TINY_SD_DIR, copy)
+    f = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-10] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(CorruptArtifactError, match="diffusion_pytorch_model.safetensors"):
+        verify_manifest(copy)
+
+
+def test_follows_heldout_prompts_and_guidance_matters():
+    """64 held-out prompts (the manifest has the 256-prompt numbers)."""
+    with_cfg = evaluate("tiny-sd", steps=25, guidance=7.5, num_prompts=64, seed=1)
+    no_cfg = evaluate("tiny-sd", steps=25, guidance=1.0, num_prompts=64, seed=1)
+    assert with_cfg["alignment"] >= 0.8
+    assert with_cfg["alignment"] > no_cfg["alignment"] + 0.1
+    assert with_cfg["fd"] < no_cfg["fd"]
+
+
+def test_resolves_by_name():
+    assert resolve_model("tiny-sd") == TINY_SD_DIR
