@@ -91,21 +91,36 @@ def plan_pruning(report: dict, policy: str = "sensitivity", keep_params: float |
 
     # blocks whose removal *improves* quality (damage < 0) sort first in every policy
     order = sorted(rows, key=key)
-    chosen, cur_p, cur_ms = [], total_params, total_latency_ms or 0.0
-    for r in order:
-        n = r["name"]
-        if target_params is not None:
-            if cur_p <= target_params * (1 + tolerance):
+
+    def greedy(skip: frozenset):
+        chosen, cur_p, cur_ms = [], total_params, total_latency_ms or 0.0
+        for r in order:
+            n = r["name"]
+            if n in skip:
+                continue
+            if target_params is not None:
+                if cur_p <= target_params * (1 + tolerance):
+                    break
+                if cur_p - params[n] < target_params * (1 - tolerance):
+                    continue  # would overshoot the band: try a smaller block
+            elif cur_ms <= target_latency_ms:
                 break
-            if cur_p - params[n] < target_params * (1 - tolerance):
-                continue  # would overshoot: try a smaller block
-        else:
-            if cur_ms <= target_latency_ms:
+            chosen.append(n)
+            cur_p -= params[n]
+            cur_ms -= latency_ms.get(n, 0.0)
+        ok = (cur_p <= target_params * (1 + tolerance)) if target_params is not None else (cur_ms <= target_latency_ms)
+        return chosen, cur_p, ok
+
+    chosen, cur_p, met = greedy(frozenset())
+    if not met:
+        # repair: a greedy pick can leave a gap no remaining block fits into (params budget with
+        # a tolerance band). Leave out one chosen block at a time, most damaging first, and keep
+        # the first plan that meets the budget.
+        for n in reversed(chosen):
+            c2, p2, ok2 = greedy(frozenset([n]))
+            if ok2:
+                chosen, cur_p, met = c2, p2, ok2
                 break
-        chosen.append(n)
-        cur_p -= params[n]
-        cur_ms -= latency_ms.get(n, 0.0)
-    met = (cur_p <= target_params * (1 + tolerance)) if target_params is not None else (cur_ms <= target_latency_ms)
     return {
         "policy": policy,
         "removed_blocks": chosen,
