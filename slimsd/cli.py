@@ -338,6 +338,47 @@ def _cmd_export_triton(a) -> int:
     return 0
 
 
+def _add_serve(sub):
+    """Flags mirror :class:`slimsd.serve.settings.ServeSettings` field by field (help = its description)."""
+    import typing
+
+    from slimsd.serve.settings import ServeSettings
+
+    p = sub.add_parser("serve", help="HTTP server: OpenAI Images API, AUTOMATIC1111 txt2img, metrics, "
+                       "playground (docs/serve.md)")
+    p.add_argument("model", nargs="?", default=None, help=ServeSettings.model_fields["model"].description)
+    for name, f in ServeSettings.model_fields.items():
+        if name == "model":
+            continue
+        flag = "--" + name.replace("_", "-")
+        default = f.get_default(call_default_factory=True)
+        helptext = (f.description or "") + (f" (default {default})" if default not in (None, [], "") else "")
+        ann = f.annotation
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        if ann is bool:
+            p.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false", help=f"skip {name}")
+        elif typing.get_origin(ann) is list:
+            p.add_argument(flag, dest=name, action="append", default=None,
+                           help=helptext + "; repeat for several")
+        elif typing.get_origin(ann) is typing.Literal:
+            p.add_argument(flag, dest=name, choices=typing.get_args(ann), default=default, help=helptext)
+        else:
+            base = args[0] if args else ann
+            conv = {int: int, float: float}.get(base, str)
+            p.add_argument(flag, dest=name, type=conv, default=default,
+                           help=helptext + ("; prefer the SLIMSD_API_KEY variable (flags show in ps)"
+                                            if name == "api_key" else ""))
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(a) -> int:
+    from slimsd.serve.server import run
+    from slimsd.serve.settings import ServeSettings
+
+    fields = {k: v for k, v in vars(a).items() if k in ServeSettings.model_fields and v is not None}
+    return run(ServeSettings(**fields))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slimsd", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -347,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_compress(sub)
     _add_export(sub)
+    _add_serve(sub)
     return p
 
 

@@ -1,0 +1,88 @@
+"""PyTorch :class:`~slimsd.denoise.Runners`: the diffusers / transformers modules themselves.
+
+The reference backend: no export step, any image size the U-Net accepts, and the exact
+modules :class:`diffusers.StableDiffusionPipeline` runs, so its images match diffusers' up to
+float summation order.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+# pipeline subfolder of each component
+_SUB = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae"}
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch sees no CUDA GPU")
+    return device
+
+
+def load_component(folder: Path, sub: str):
+    """The module of ``sub`` with the class named in ``model_index.json``.
+
+    The class is imported from the library the index names, so pruned U-Nets
+    (``slimsd.unet_blocks.PrunedUNet2DConditionModel``) load like stock ones.
+    """
+    library, cls_name = json.loads((folder / "model_index.json").read_text())[sub]
+    cls = getattr(importlib.import_module(library), cls_name)
+    if library == "transformers":
+        return cls.from_pretrained(folder / sub)
+    return cls.from_pretrained(folder, subfolder=sub)
+
+
+class TorchRunners:
+    """Text encoder, U-Net and VAE of a diffusers pipeline folder, on numpy in and out."""
+
+    def __init__(self, folder: str | Path, device: str = "auto", dtype: str = "float32", threads: int | None = None):
+        import torch
+
+        self.folder = Path(folder)
+        self.device = pick_device(device)
+        if dtype == "float16" and self.device == "cpu":
+            raise ValueError("float16 needs a CUDA device with the torch backend")
+        self.dtype = getattr(torch, dtype)
+        if threads:
+            torch.set_num_threads(threads)
+        self.modules = {name: load_component(self.folder, sub).to(self.device, self.dtype).eval()
+                        for name, sub in _SUB.items()}
+
+    def _in(self, a: np.ndarray, dtype=None):
+        import torch
+
+        t = torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+        return t.to(dtype or self.dtype) if t.is_floating_point() else t
+
+    @staticmethod
+    def _out(t) -> np.ndarray:
+        return t.float().cpu().numpy()
+
+    def text_encoder(self, input_ids):
+        import torch
+
+        with torch.inference_mode():
+            return self._out(self.modules["text_encoder"](self._in(input_ids), return_dict=False)[0])
+
+    def unet(self, sample, timestep, encoder_hidden_states):
+        import torch
+
+        with torch.inference_mode():
+            # timestep stays float32 (as in the ONNX spec): fractional Euler timesteps survive
+            out = self.modules["unet"](self._in(sample), self._in(timestep, torch.float32),
+                                       self._in(encoder_hidden_states), return_dict=False)[0]
+            return self._out(out)
+
+    def vae_decoder(self, latent_sample):
+        import torch
+
+        with torch.inference_mode():
+            return self._out(self.modules["vae_decoder"].decode(self._in(latent_sample), return_dict=False)[0])

@@ -1,0 +1,142 @@
+"""Request and response bodies: the OpenAI Images API, AUTOMATIC1111's txt2img, errors, health.
+
+Only checks that need no settings live here (types, ranges that hold for any model, the
+``WxH`` format); limits that come from settings or the model (largest size, ``n``, steps, prompt
+length) are checked in :mod:`slimsd.serve.service`, with the same error shape.
+Unknown fields are ignored, as the OpenAI API and AUTOMATIC1111 do (``quality``, ``style``,
+``user``, ``enable_hr``, ... have no meaning here).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_SEED = 2**63 - 1 - 64  # seeds of one request are seed, seed+1, ...: stay inside int64
+_SIZE = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
+
+
+def _not_blank(v: str | None) -> str | None:
+    if v is not None and not v.strip():
+        raise ValueError("must not be empty")
+    return v
+
+
+def parse_size(v: str) -> tuple[int, int]:
+    """``"WxH"`` -> (width, height), both positive multiples of 8."""
+    m = _SIZE.match(v)
+    if not m:
+        raise ValueError(f"must be 'WIDTHxHEIGHT' in pixels, e.g. '512x512'; got {v!r}")
+    w, h = int(m.group(1)), int(m.group(2))
+    if w <= 0 or h <= 0 or w % 8 or h % 8:
+        raise ValueError(f"width and height must be positive multiples of 8; got {v!r}")
+    return w, h
+
+
+# -- OpenAI Images API ------------------------------------------------------------------------
+class ImageGenerationRequest(BaseModel):
+    """``POST /v1/images/generations`` (OpenAI) plus optional Stable Diffusion fields."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(description="what to draw")
+    model: str | None = Field(None, description="the served model's id; omitted = it")
+    n: int = Field(1, ge=1, description="number of images")
+    size: str | None = Field(None, description="'WIDTHxHEIGHT'; default the model's native size")
+    response_format: Literal["b64_json", "url"] | None = Field(
+        None, description="only b64_json (the default here): images are not stored, so there is no URL")
+    negative_prompt: str | None = None
+    num_inference_steps: int | None = Field(None, ge=1, description="default: the model's own (25 teacher, 8 student)")
+    guidance_scale: float | None = Field(None, ge=0, description="classifier-free guidance; <= 1 disables it")
+    seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="image i gets seed+i; None or -1: random")
+    scheduler: str | None = Field(None, description="ddim | euler | euler_a | dpm++")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        return _not_blank(v)
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v):
+        if v is not None and v != "auto":  # gpt-image-1 clients send "auto": the native size
+            parse_size(v)
+        return v
+
+
+class ImageData(BaseModel):
+    b64_json: str
+    revised_prompt: str | None = None
+    seed: int  # not in OpenAI's schema; its client keeps unknown fields
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+
+
+# -- AUTOMATIC1111 ----------------------------------------------------------------------------
+class Txt2ImgRequest(BaseModel):
+    """``POST /sdapi/v1/txt2img`` in AUTOMATIC1111's shape (the fields that mean something here)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int | None = Field(None, ge=1)
+    cfg_scale: float | None = Field(None, ge=0)
+    seed: int = Field(-1, ge=-1, le=MAX_SEED)
+    width: int | None = Field(None, gt=0, multiple_of=8)
+    height: int | None = Field(None, gt=0, multiple_of=8)
+    batch_size: int = Field(1, ge=1)
+    n_iter: int = Field(1, ge=1, description="batches; images = batch_size * n_iter")
+    sampler_name: str | None = Field(None, description="DDIM, Euler, Euler a, DPM++ 2M (or ddim/euler/euler_a/dpm++)")
+    sampler_index: str | None = Field(None, description="older name of sampler_name")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        return _not_blank(v)
+
+
+class Txt2ImgResponse(BaseModel):
+    images: list[str]
+    parameters: dict[str, Any]
+    info: str  # a JSON string, as AUTOMATIC1111 returns it
+
+
+# -- errors and probes ------------------------------------------------------------------------
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["ok", "loading", "draining", "failed"]
+    model: str | None = None
+    backend: str | None = None
+    detail: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "slimsd"
+    backend: str
+    image_size: list[int]
+    default_steps: int
+    default_guidance: float
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

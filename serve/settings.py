@@ -1,0 +1,72 @@
+"""Every setting of the server, in one pydantic model (``slimsd serve --help`` mirrors it).
+
+The CLI fills it from flags; ``SLIMSD_API_KEY`` supplies the key so it never shows in ``ps``.
+Limits that depend on the model (largest image size) are resolved once the model is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+Backend = Literal["onnxruntime", "torch", "tensorrt", "triton"]
+BACKENDS: tuple[str, ...] = ("onnxruntime", "torch", "tensorrt", "triton")
+
+
+class ServeSettings(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    # -- what to serve --------------------------------------------------------------------
+    model: str | None = Field(None, description="preset, diffusers folder or hub id; None = the compressed "
+                                                "model (tiny-sd-slim) when it resolves, else the teacher tiny-sd")
+    model_name: str | None = Field(None, description="id clients see (OpenAI `model`); default: the model argument")
+    backend: Backend = "onnxruntime"
+    scheduler: str = Field("ddim", description="default scheduler: ddim | euler | euler_a | dpm++")
+
+    # -- backend details ------------------------------------------------------------------
+    onnx_dir: Path | None = Field(None, description="existing `slimsd export onnx` folder; default: exported "
+                                                    "into the cache on start-up")
+    cache_dir: Path | None = Field(None, description="default $SLIMSD_CACHE/onnx (~/.cache/slimsd/onnx)")
+    dtype: Literal["float32", "float16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, description="intra-op threads of ONNX Runtime / torch (default: all)")
+    engines_dir: Path | None = Field(None, description="tensorrt: folder of <component>.plan; default built into "
+                                                       "the cache from the ONNX export")
+    triton_url: list[str] = Field(default_factory=lambda: ["localhost:8001"],
+                                  description="triton: one or more servers, round-robin per call")
+    triton_protocol: Literal["grpc", "http"] = "grpc"
+
+    # -- HTTP -----------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = Field(None, description="when set, `Authorization: Bearer <key>` is required on every "
+                                                  "route except /health/*")
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+
+    # -- limits on one request ------------------------------------------------------------
+    max_n: int = Field(4, ge=1, description="images per request")
+    max_steps: int = Field(100, ge=1)
+    max_guidance: float = Field(30.0, ge=0)
+    max_size: int | None = Field(None, ge=8, description="largest width/height in px; default 2x the model's size")
+    max_prompt_chars: int = Field(1000, ge=1)
+
+    # -- batching and queueing ------------------------------------------------------------
+    max_batch_size: int = Field(8, ge=1, description="images per backend call")
+    max_wait_ms: float = Field(20.0, ge=0, description="how long the first request of a batch waits for company")
+    max_queue: int = Field(32, ge=1, description="requests waiting; beyond it: 429 with Retry-After")
+    workers: int = Field(1, ge=1, description="inference threads (more only helps with triton or several GPUs)")
+    request_timeout_s: float = Field(120.0, gt=0)
+    drain_timeout_s: float = Field(30.0, ge=0)
+    warmup: bool = True
+
+    log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _key_from_env(self):
+        # an empty string disables auth explicitly; only None falls back to the environment
+        if self.api_key is None:
+            self.api_key = os.environ.get("SLIMSD_API_KEY") or None
+        return self

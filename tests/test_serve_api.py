@@ -1,0 +1,367 @@
+"""The FastAPI app in-process (TestClient): routes, validation, auth, batching, overload, faults.
+
+One tiny-sd ONNX Runtime pipeline is loaded per module and handed to each app, so every test
+builds its own app (own engine, own metrics) in milliseconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from slimsd.models import TINY_SD_DIR
+
+pytestmark = pytest.mark.skipif(not (TINY_SD_DIR / "model_index.json").is_file(), reason="tiny-sd weights missing")
+
+GEN = "/v1/images/generations"
+A1111 = "/sdapi/v1/txt2img"
+PROMPT = "a red circle left of a blue square"
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    from slimsd.serve.pipeline import load_pipeline
+    from slimsd.serve.settings import ServeSettings
+
+    cache = tmp_path_factory.getbasetemp() / "slimsd-cache" / "onnx"  # shared with the other serve tests
+    return load_pipeline(ServeSettings(model="tiny-sd", cache_dir=cache))
+
+
+def wait_ready(c, timeout: float = 30.0):
+    t0 = time.monotonic()
+    while (r := c.get("/health/ready")).status_code != 200:
+        assert time.monotonic() - t0 < timeout, r.json()
+        time.sleep(0.02)
+
+
+@contextmanager
+def serving(pipe, ready: bool = True, **kw):
+    """An app over ``pipe`` (or a loader callable) with settings ``kw``."""
+    from fastapi.testclient import TestClient
+
+    from slimsd.serve.app import create_app
+    from slimsd.serve.settings import ServeSettings
+
+    kw.setdefault("warmup", False)
+    load = pipe if callable(pipe) else (lambda: pipe)
+    app = create_app(ServeSettings(model="tiny-sd", **kw), load=load)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        if ready:
+            wait_ready(c)
+        yield c
+
+
+def png(b64: str) -> np.ndarray:
+    from PIL import Image
+
+    raw = base64.b64decode(b64)
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+    return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+
+
+def metric(c, name: str, labels: dict | None = None) -> float:
+    return c.app.state.metrics.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+def assert_error(r, status: int, param=None, code=None, contains: str | None = None):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    if param is not None:
+        assert body["error"]["param"] == param, body
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    if contains is not None:
+        assert contains in body["error"]["message"], body
+    return body["error"]
+
+
+class Slow:
+    """Runners that take ``delay`` seconds per U-Net call (a busy GPU)."""
+
+    def __init__(self, inner, delay: float):
+        self.inner, self.delay = inner, delay
+
+    def text_encoder(self, ids):
+        return self.inner.text_encoder(ids)
+
+    def unet(self, *a):
+        time.sleep(self.delay)
+        return self.inner.unet(*a)
+
+    def vae_decoder(self, x):
+        return self.inner.vae_decoder(x)
+
+
+class Faulty(Slow):
+    """Runners whose U-Net raises on the first ``failures`` calls (a crashed kernel, a lost GPU)."""
+
+    def __init__(self, inner, failures: int = 1):
+        super().__init__(inner, 0.0)
+        self.failures = failures
+
+    def unet(self, *a):
+        if self.failures > 0:
+            self.failures -= 1
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return self.inner.unet(*a)
+
+
+# -- happy paths ------------------------------------------------------------------------------
+def test_openai_generation_is_a_png_equal_to_diffusers(pipe):
+    import torch
+
+    from slimsd.models import load_pipeline
+
+    with serving(pipe) as c:
+        r = c.post(GEN, json={"prompt": PROMPT, "seed": 11, "num_inference_steps": 6, "response_format": "b64_json"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert set(body) == {"created", "data"} and abs(body["created"] - time.time()) < 60
+        assert len(body["data"]) == 1 and body["data"][0]["seed"] == 11
+        got = png(body["data"][0]["b64_json"])
+    ref = load_pipeline("tiny-sd")(PROMPT, num_inference_steps=6, guidance_scale=7.5, output_type="np",
+                                   generator=[torch.Generator().manual_seed(11)]).images
+    ref = (ref * 255).round().astype(np.uint8)[0]
+    assert got.shape == ref.shape == (64, 64, 3)
+    assert np.abs(got.astype(int) - ref.astype(int)).max() <= 2  # the ONNX Runtime tolerance
+
+
+def test_n_images_take_consecutive_seeds_and_sizes_work(pipe):
+    with serving(pipe) as c:
+        two = c.post(GEN, json={"prompt": PROMPT, "n": 2, "seed": 5, "num_inference_steps": 3}).json()["data"]
+        one = c.post(GEN, json={"prompt": PROMPT, "n": 1, "seed": 6, "num_inference_steps": 3}).json()["data"]
+        assert [d["seed"] for d in two] == [5, 6]
+        assert np.abs(png(two[1]["b64_json"]).astype(int) - png(one[0]["b64_json"]).astype(int)).max() <= 1
+        tall = c.post(GEN, json={"prompt": PROMPT, "size": "64x128", "num_inference_steps": 2}).json()["data"]
+        assert png(tall[0]["b64_json"]).shape == (128, 64, 3)  # size is WIDTHxHEIGHT
+        auto = c.post(GEN, json={"prompt": PROMPT, "size": "auto", "num_inference_steps": 2, "model": "tiny-sd",
+                                 "quality": "hd", "style": "vivid", "user": "u1"})  # OpenAI-only fields ignored
+        assert auto.status_code == 200 and png(auto.json()["data"][0]["b64_json"]).shape == (64, 64, 3)
+        unseeded = c.post(GEN, json={"prompt": PROMPT, "num_inference_steps": 2}).json()["data"][0]
+        assert 0 <= unseeded["seed"] < 2**32
+
+
+def test_a1111_txt2img(pipe):
+    with serving(pipe) as c:
+        r = c.post(A1111, json={"prompt": PROMPT, "negative_prompt": "blurry", "steps": 4, "cfg_scale": 5,
+                                "seed": 3, "width": 64, "height": 64, "batch_size": 2, "sampler_name": "Euler a",
+                                "enable_hr": False, "restore_faces": False})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert set(body) == {"images", "parameters", "info"} and len(body["images"]) == 2
+        info = json.loads(body["info"])
+        assert info["all_seeds"] == [3, 4] and info["steps"] == 4 and info["cfg_scale"] == 5
+        assert info["sampler_name"] == "euler_a" and body["parameters"]["prompt"] == PROMPT
+        # the same request through the OpenAI route gives the same pixels
+        o = c.post(GEN, json={"prompt": PROMPT, "negative_prompt": "blurry", "num_inference_steps": 4,
+                              "guidance_scale": 5, "seed": 3, "scheduler": "euler_a"}).json()["data"][0]
+        assert np.array_equal(png(body["images"][0]), png(o["b64_json"]))
+        d = c.post(A1111, json={"prompt": PROMPT, "steps": 2}).json()
+        assert json.loads(d["info"])["width"] == 64 and json.loads(d["info"])["sampler_name"] == "ddim"
+
+
+def test_models_health_metrics_and_playground(pipe):
+    with serving(pipe) as c:
+        assert c.get("/health/live").json()["status"] == "ok"
+        assert c.get("/health/ready").json() == {"status": "ok", "model": "tiny-sd", "backend": "onnxruntime",
+                                                 "detail": None}
+        card = c.get("/v1/models").json()["data"][0]
+        assert card["id"] == "tiny-sd" and card["default_steps"] == 25 and card["image_size"] == [64, 64]
+        c.post(GEN, json={"prompt": PROMPT, "num_inference_steps": 2})
+        text = c.get("/metrics").text
+        for name in ("slimsd_request_duration_seconds_bucket", "slimsd_queue_wait_seconds_bucket",
+                     "slimsd_inference_duration_seconds_bucket", "slimsd_queue_depth", "slimsd_batch_size_bucket",
+                     "slimsd_rejections_total", "slimsd_requests_total"):
+            assert name in text, name
+        assert metric(c, "slimsd_request_duration_seconds_count", {"route": GEN}) == 1
+        assert metric(c, "slimsd_inference_duration_seconds_count") == 1
+        assert metric(c, "slimsd_requests_total", {"route": GEN, "method": "POST", "status": "200"}) == 1
+        page = c.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert 'id="prompt"' in page.text and GEN in page.text
+
+
+# -- validation: every bad input is a 400 (413 for size) naming the field -----------------------
+LONG = "x" * 1001
+BAD = [
+    (GEN, {"prompt": ""}, 400, "prompt", "must not be empty"),
+    (GEN, {"prompt": "   "}, 400, "prompt", "must not be empty"),
+    (GEN, {"n": 1}, 400, "prompt", "Field required"),
+    (GEN, {"prompt": LONG}, 400, "prompt", "1001 characters"),
+    (GEN, {"prompt": PROMPT, "negative_prompt": LONG}, 400, "negative_prompt", "at most 1000"),
+    (GEN, {"prompt": PROMPT, "size": "65x64"}, 400, "size", "multiples of 8"),
+    (GEN, {"prompt": PROMPT, "size": "big"}, 400, "size", "WIDTHxHEIGHT"),
+    (GEN, {"prompt": PROMPT, "size": "136x64"}, 400, "size", "maximum of 128"),
+    (GEN, {"prompt": PROMPT, "size": "96x64"}, 400, "size", "multiples of 64"),
+    (GEN, {"prompt": PROMPT, "n": 0}, 400, "n", "greater than or equal to 1"),
+    (GEN, {"prompt": PROMPT, "n": 5}, 400, "n", "between 1 and 4"),
+    (GEN, {"prompt": PROMPT, "num_inference_steps": 0}, 400, "num_inference_steps", "greater than or equal"),
+    (GEN, {"prompt": PROMPT, "num_inference_steps": 101}, 400, "num_inference_steps", "between 1 and 100"),
+    (GEN, {"prompt": PROMPT, "num_inference_steps": "many"}, 400, "num_inference_steps", "integer"),
+    (GEN, {"prompt": PROMPT, "guidance_scale": -1}, 400, "guidance_scale", "greater than or equal to 0"),
+    (GEN, {"prompt": PROMPT, "guidance_scale": 31}, 400, "guidance_scale", "between 0 and 30"),
+    (GEN, {"prompt": PROMPT, "response_format": "url"}, 400, "response_format", "b64_json"),
+    (GEN, {"prompt": PROMPT, "response_format": "jpeg"}, 400, "response_format", "b64_json"),
+    (GEN, {"prompt": PROMPT, "scheduler": "plms"}, 400, "scheduler", "ddim"),
+    (GEN, {"prompt": PROMPT, "seed": -2}, 400, "seed", "greater than or equal to -1"),
+    (GEN, {"prompt": PROMPT, "model": "dall-e-3"}, 404, "model", "tiny-sd"),
+    (GEN, ["not", "an", "object"], 400, None, "valid dictionary"),
+    (A1111, {"prompt": ""}, 400, "prompt", "must not be empty"),
+    (A1111, {"prompt": PROMPT, "width": 65}, 400, "width", "multiple of 8"),
+    (A1111, {"prompt": PROMPT, "width": 256}, 400, "width/height", "maximum of 128"),
+    (A1111, {"prompt": PROMPT, "batch_size": 0}, 400, "batch_size", "greater than or equal to 1"),
+    (A1111, {"prompt": PROMPT, "batch_size": 3, "n_iter": 2}, 400, "batch_size", "between 1 and 4"),
+    (A1111, {"prompt": PROMPT, "steps": 500}, 400, "steps", "between 1 and 100"),
+    (A1111, {"prompt": PROMPT, "sampler_name": "LMS"}, 400, "sampler_name", "Euler a"),
+]
+
+
+def test_every_bad_input_names_the_field(pipe):
+    with serving(pipe) as c:
+        for route, body, status, param, text in BAD:
+            r = c.post(route, json=body)
+            err = assert_error(r, status, param)
+            assert text in err["message"], (body, err)
+            if param:
+                assert err["message"].startswith(param.split(".")[0]), err
+        assert metric(c, "slimsd_inference_duration_seconds_count") == 0  # nothing reached the backend
+
+
+def test_malformed_json_and_body_limits(pipe):
+    with serving(pipe, max_body_bytes=2048) as c:
+        err = assert_error(c.post(GEN, content=b'{"prompt": "a", ', headers={"content-type": "application/json"}),
+                           400, code="invalid_json")
+        assert err["message"].startswith("malformed JSON body")
+        assert_error(c.post(GEN, content=b"", headers={"content-type": "application/json"}), 400,
+                     contains="JSON body is required")
+        big = json.dumps({"prompt": "x" * 4000}).encode()
+        assert_error(c.post(GEN, content=big, headers={"content-type": "application/json"}), 413,
+                     code="body_too_large", contains="2048 bytes")
+
+        def chunks():  # no Content-Length: the limit must hold on the stream too
+            for i in range(0, len(big), 512):
+                yield big[i:i + 512]
+
+        assert_error(c.post(GEN, content=chunks(), headers={"content-type": "application/json"}), 413,
+                     code="body_too_large")
+        assert_error(c.get("/nope"), 404, code="not_found")
+        assert_error(c.get(GEN), 405, code="method_not_allowed")
+
+
+# -- auth -------------------------------------------------------------------------------------
+def test_api_key_guards_everything_but_health(pipe):
+    with serving(pipe, api_key="s3cret") as c:
+        for method, path in (("post", GEN), ("post", A1111), ("get", "/metrics"), ("get", "/v1/models")):
+            kw = {"json": {"prompt": PROMPT, "num_inference_steps": 1}} if method == "post" else {}
+            r = getattr(c, method)(path, **kw)
+            assert_error(r, 401, code="invalid_api_key")
+            assert r.headers["www-authenticate"] == "Bearer"
+            assert_error(getattr(c, method)(path, headers={"Authorization": "Bearer wrong"}, **kw), 401)
+            assert_error(getattr(c, method)(path, headers={"Authorization": "Basic s3cret"}, **kw), 401)
+            ok = getattr(c, method)(path, headers={"Authorization": "Bearer s3cret"}, **kw)
+            assert ok.status_code == 200, (path, ok.text)
+        assert c.get("/health/live").status_code == 200
+        assert c.get("/health/ready").status_code == 200
+        assert c.get("/").status_code == 200  # static page; its API calls carry the key the user types
+
+
+# -- batching, overload, timeouts, faults -----------------------------------------------------
+def _concurrently(c, bodies: list[dict], route: str = GEN) -> list:
+    with ThreadPoolExecutor(len(bodies)) as ex:
+        return list(ex.map(lambda b: c.post(route, json=b), bodies))
+
+
+def test_concurrent_requests_are_batched(pipe):
+    """Same (size, steps, scheduler, guidance) -> one backend call; a different key waits its turn."""
+    with serving(pipe, max_wait_ms=400, max_batch_size=8) as c:
+        same = [{"prompt": PROMPT, "seed": i, "num_inference_steps": 3} for i in range(4)]
+        rs = _concurrently(c, same + [{"prompt": PROMPT, "seed": 9, "num_inference_steps": 4}])
+        assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
+        batches = metric(c, "slimsd_batch_size_count")
+        images = metric(c, "slimsd_batch_size_sum")
+        assert images == 5 and batches < 5
+        assert metric(c, "slimsd_batch_size_bucket", {"le": "1.0"}) < batches  # some batch had > 1 image
+        assert metric(c, "slimsd_batch_requests_sum") == 5
+        # batched images are the images each request gets alone
+        alone = c.post(GEN, json=same[2]).json()["data"][0]["b64_json"]
+        assert np.abs(png(alone).astype(int) - png(rs[2].json()["data"][0]["b64_json"]).astype(int)).max() <= 1
+
+
+def test_full_queue_answers_429_with_retry_after(pipe):
+    slow = replace(pipe, runners=Slow(pipe.runners, 0.15))
+    with serving(slow, max_queue=1, max_batch_size=1, max_wait_ms=0) as c:
+        rs = _concurrently(c, [{"prompt": PROMPT, "seed": i, "num_inference_steps": 2} for i in range(5)])
+        codes = sorted(r.status_code for r in rs)
+        assert codes.count(200) >= 2 and 429 in codes, codes
+        busy = next(r for r in rs if r.status_code == 429)
+        assert_error(busy, 429, code="queue_full", contains="max_queue 1")
+        assert busy.json()["error"]["type"] == "rate_limit_error"
+        assert int(busy.headers["retry-after"]) >= 1
+        assert metric(c, "slimsd_rejections_total", {"reason": "queue_full"}) == codes.count(429)
+        assert c.post(GEN, json={"prompt": PROMPT, "num_inference_steps": 1}).status_code == 200  # recovered
+
+
+def test_request_timeout_is_504_and_the_server_goes_on(pipe):
+    slow = replace(pipe, runners=Slow(pipe.runners, 0.3))
+    with serving(slow, request_timeout_s=0.25, max_wait_ms=0) as c:
+        t0 = time.monotonic()
+        assert_error(c.post(GEN, json={"prompt": PROMPT, "num_inference_steps": 4}), 504, code="timeout")
+        assert time.monotonic() - t0 < 1.0  # answered at the deadline, not when the batch ends
+        assert metric(c, "slimsd_rejections_total", {"reason": "timeout"}) == 1
+        c.app.state.settings.request_timeout_s = 30  # noqa: the engine reads its own config
+        c.app.state.engine.config.request_timeout_s = 30
+        assert c.post(GEN, json={"prompt": PROMPT, "num_inference_steps": 1}).status_code == 200
+
+
+def test_backend_fault_is_503_then_the_next_request_works(pipe):
+    faulty = replace(pipe, runners=Faulty(pipe.runners, failures=1))
+    with serving(faulty) as c:
+        err = assert_error(c.post(GEN, json={"prompt": PROMPT, "num_inference_steps": 2}), 503, code="backend_error")
+        assert "illegal memory access" in err["message"] and err["type"] == "server_error"
+        ok = c.post(GEN, json={"prompt": PROMPT, "num_inference_steps": 2})
+        assert ok.status_code == 200 and png(ok.json()["data"][0]["b64_json"]).shape == (64, 64, 3)
+        assert c.get("/health/ready").status_code == 200
+        assert metric(c, "slimsd_rejections_total", {"reason": "backend_error"}) == 1
+
+
+def test_ready_only_after_load_and_warmup_and_not_while_draining(pipe):
+    gate = threading.Event()
+
+    def load():
+        gate.wait(10)
+        return pipe
+
+    with serving(load, ready=False, warmup=True) as c:
+        assert c.get("/health/live").status_code == 200
+        assert_error(c.get("/health/ready"), 503, code="not_ready", contains="loading")
+        r = c.post(GEN, json={"prompt": PROMPT, "num_inference_steps": 1})
+        assert_error(r, 503, code="not_ready")
+        assert int(r.headers["retry-after"]) >= 1
+        gate.set()
+        wait_ready(c)
+        assert c.post(GEN, json={"prompt": PROMPT, "num_inference_steps": 1}).status_code == 200
+        c.app.state.engine.drain()  # what SIGTERM does first
+        assert_error(c.get("/health/ready"), 503, code="draining")
+        assert_error(c.post(GEN, json={"prompt": PROMPT, "num_inference_steps": 1}), 503, code="draining")
+
+
+def test_a_model_that_fails_to_load_says_why(pipe):
+    def load():
+        raise FileNotFoundError("model 'nope': not a preset")
+
+    with serving(load, ready=False) as c:
+        t0 = time.monotonic()
+        while c.app.state.engine.load_error is None and time.monotonic() - t0 < 5:
+            time.sleep(0.01)
+        assert_error(c.get("/health/ready"), 503, code="not_ready", contains="failed to load: FileNotFoundError")
+        assert_error(c.post(GEN, json={"prompt": PROMPT}), 503, contains="not a preset")
