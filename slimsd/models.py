@@ -7,6 +7,9 @@ Preset          what it is                                          used for
 --------------  --------------------------------------------------  -------------------------
 tiny-sd         SD v2.1-base block structure at small widths,       everything, offline (default)
                 trained by ``slimsd train-teacher``; committed
+tiny-sd-slim    tiny-sd pruned, CFG-aware retrained and step-       serving at 8 steps
+                distilled to 8 steps (``slimsd compress build
+                configs/tiny-sd-slim.json``); committed once built
 sd21-base-arch  exact SD v2.1-base architecture, random weights     speed / size / export only
 <folder>        any diffusers StableDiffusionPipeline folder        real use
 <hub id>        e.g. stabilityai/stable-diffusion-2-1-base          real use (needs the hub cache
@@ -21,7 +24,8 @@ from pathlib import Path
 
 ASSETS = Path(__file__).parent / "assets"
 TINY_SD_DIR = ASSETS / "tiny-sd"
-PRESETS = ("tiny-sd", "sd21-base-arch")
+TINY_SD_SLIM_DIR = ASSETS / "tiny-sd-slim"  # pruned + stage 1 + stage 2 (8 steps): `slimsd compress build configs/tiny-sd-slim.json`
+PRESETS = ("tiny-sd", "tiny-sd-slim", "sd21-base-arch")
 
 # --- SD v2.1-base, as published in its component config.json files -------------
 SD21_UNET = dict(
@@ -129,7 +133,7 @@ def build_components(preset: str, seed: int = 0, tokenizer_dir: str | Path | Non
     elif preset == "sd21-base-arch":
         unet_cfg, vae_cfg, te_cfg = SD21_UNET, SD21_VAE, SD21_TEXT_ENCODER
     else:
-        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+        raise ValueError(f"build_components: unknown preset {preset!r}; it builds tiny-sd and sd21-base-arch")
     if tokenizer_dir is not None:
         tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     else:
@@ -201,6 +205,16 @@ def resolve_model(spec: str | os.PathLike) -> Path:
 
         verify_manifest(TINY_SD_DIR)  # a corrupt committed artifact is refused, naming the file
         return TINY_SD_DIR
+    if s == "tiny-sd-slim":
+        if not is_pipeline_folder(TINY_SD_SLIM_DIR):
+            raise FileNotFoundError(
+                f"tiny-sd-slim is not built yet ({TINY_SD_SLIM_DIR} is missing); build it with "
+                "`slimsd compress build configs/tiny-sd-slim.json`"
+            )
+        from slimsd.manifest import verify_manifest
+
+        verify_manifest(TINY_SD_SLIM_DIR)
+        return TINY_SD_SLIM_DIR
     if s == "sd21-base-arch":
         out = cache_dir() / "sd21-base-arch"
         if not is_pipeline_folder(out):
@@ -227,6 +241,8 @@ def load_pipeline(spec: str | os.PathLike, dtype=None, scheduler: str | None = N
     """``StableDiffusionPipeline`` for ``spec`` (see :func:`resolve_model`)."""
     import torch
     from diffusers import StableDiffusionPipeline
+
+    import slimsd.unet_blocks  # noqa: F401 - diffusers loads PrunedUNet2DConditionModel only once its module is imported
 
     folder = resolve_model(spec)
     pipe = StableDiffusionPipeline.from_pretrained(

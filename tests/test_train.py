@@ -1,0 +1,161 @@
+"""compress/train.py and compress/build.py: stages run, resume exactly, build chains and skips.
+
+A bk-tiny pruned tiny-sd is the student; a few steps of batch 2 on 64 cached latents keep the
+whole file well under a minute on 2 cores.
+"""
+
+import json
+import time
+
+import pytest
+import torch
+
+from slimsd.cli import main
+from slimsd.compress.prune import PRESETS, prune_pipeline
+from slimsd.compress.train import TrainConfig, list_checkpoints, student_grid, train
+
+FAST = dict(num_latents=64, batch_size=2, logging_steps=1, final_eval_prompts=0, report_to="none")
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    return prune_pipeline("tiny-sd", PRESETS["bk-tiny"], tmp_path_factory.mktemp("s") / "bk-tiny", {"preset": "bk-tiny"})
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_stage1_then_stage2_write_loadable_pipelines(student, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from slimsd.manifest import verify_manifest
+    from slimsd.unet_blocks import PrunedUNet2DConditionModel
+
+    s1 = train(TrainConfig(stage=1, student=str(student), teacher="tiny-sd", out=str(tmp_path / "s1"), max_steps=2,
+                           cfg_prob=1.0, lambda_feat_kd=1.0, checkpointing_steps=0, **FAST))
+    log = json.loads((s1 / "loss_log.json").read_text())
+    assert [r["step"] for r in log] == [1, 2]
+    assert {"l_diff", "l_out_kd", "l_cfg_kd", "l_feat_kd", "w"} <= set(log[0])  # eq. 2 + eq. 1 + BK-SDM feature KD
+    assert 2.0 <= log[0]["w"] <= 14.0
+    assert json.loads((s1 / "slimsd.json").read_text())["defaults"] == {"steps": 25, "guidance": 7.5}
+    assert (s1 / "loss_curve.png").stat().st_size > 0 and (s1 / "prune_plan.json").is_file()
+
+    # stage 2: the stage-1 student is teacher and initial student; 2-step grid, scored at the end
+    s2 = train(TrainConfig(stage=2, student=str(s1), teacher=str(s1), out=str(tmp_path / "s2"), max_steps=2,
+                           student_steps=2, checkpointing_steps=0, **{**FAST, "final_eval_prompts": 8}))
+    info = json.loads((s2 / "slimsd.json").read_text())
+    assert info["defaults"] == {"steps": 2, "guidance": 7.5} and info["stage"] == 2
+    m = verify_manifest(s2)  # sha256 of every file matches
+    assert m["defaults"] == info["defaults"] and m["default_steps"] == 2
+    assert set(m["metrics"]["steps2_cfg7.5"]) >= {"fd", "alignment"}
+    assert {"l_step_reduc", "l_diff"} <= set(json.loads((s2 / "loss_log.json").read_text())[0])
+    pipe = StableDiffusionPipeline.from_pretrained(s2, safety_checker=None, requires_safety_checker=False)
+    assert isinstance(pipe.unet, PrunedUNet2DConditionModel)
+    assert pipe.unet.config.removed_blocks == PRESETS["bk-tiny"]
+    img = pipe("a red circle left of a blue square", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+               output_type="np").images
+    assert img.shape == (1, 64, 64, 3)
+    assert not (tmp_path / "s2.tmp").exists()
+
+
+def test_student_grid_is_the_ddim_sampling_grid():
+    from diffusers import DDIMScheduler
+
+    from slimsd.models import SD21_SCHEDULER
+
+    sched = DDIMScheduler(**SD21_SCHEDULER)
+    t, tp, tpp = student_grid(sched, 8)
+    assert t.tolist() == [876, 751, 626, 501, 376, 251, 126, 1]  # what 8-step DDIM sampling visits
+    assert (t - tpp).tolist() == [125] * 8 and (t - tp).tolist() == [62] * 8
+    assert student_grid(sched, 4)[0].tolist() == [751, 501, 251, 1]
+
+
+def test_killed_and_resumed_run_equals_uninterrupted_run(student, tmp_path):
+    kw = dict(stage=1, student=str(student), teacher="tiny-sd", max_steps=3, checkpointing_steps=2,
+              checkpoints_total_limit=1, use_ema=True, lr_scheduler="cosine", lr_warmup_steps=1, learning_rate=1e-3,
+              cfg_prob=0.5, **FAST)
+    full = train(TrainConfig(out=str(tmp_path / "full"), **kw))
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_3(step, accelerator):
+        if step == 3:  # step 3 is done but not checkpointed (every 2 steps): it is lost, as in a real kill
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(TrainConfig(out=str(tmp_path / "run"), **kw), callback=kill_after_3)
+    assert [p.name for p in list_checkpoints(tmp_path / "run.work")] == ["checkpoint-2"]
+    assert not (tmp_path / "run").exists()  # no half output
+    resumed = train(TrainConfig(out=str(tmp_path / "run"), resume_from_checkpoint="latest", **kw))
+
+    a, b = _weights(full), _weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    log_a = json.loads((full / "loss_log.json").read_text())
+    log_b = json.loads((resumed / "loss_log.json").read_text())
+    assert [r["step"] for r in log_b] == [1, 2, 3]
+    for ra, rb in zip(log_a, log_b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-9), (ra["step"], k)
+    # the last K=1 checkpoint is kept, no half-written one is left
+    assert [p.name for p in list_checkpoints(tmp_path / "run.work")] == ["checkpoint-2"]
+    assert not list((tmp_path / "run.work").glob(".checkpoint-*"))
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["compress", "train", "--stage", "3", "--student", "x", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "invalid choice: 3" in capsys.readouterr().err
+    rc = main(["compress", "train", "--stage", "1", "--student", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error" in err and "nope" in err
+    with pytest.raises(SystemExit):
+        main(["compress", "train", "--stage", "1", "--out", str(tmp_path / "o")])  # --student missing
+    assert "--student" in capsys.readouterr().err
+    rc = main(["compress", "build", str(tmp_path / "missing.json")])
+    assert rc == 2 and "missing.json" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"model": "tiny-sd", "out": str(tmp_path / "o"), "prune": {"preset": "bk-tiny"},
+                               "stage1": {"max_stepz": 3}}))
+    rc = main(["compress", "build", str(bad)])
+    assert rc == 2 and "max_stepz" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(student, tmp_path):
+    kw = dict(student=str(student), teacher="tiny-sd", out=str(tmp_path / "o"), max_steps=1, checkpointing_steps=1, **FAST)
+    train(TrainConfig(stage=1, **kw))
+    with pytest.raises(ValueError, match="other settings"):
+        train(TrainConfig(stage=2, resume_from_checkpoint="latest", **kw))
+
+
+def test_build_chain_skips_finished_stages(tmp_path):
+    """sensitivity -> prune -> stage 1 -> stage 2 from one YAML config; a rerun skips everything."""
+    cfg = tmp_path / "build.yaml"
+    cfg.write_text(f"""
+model: tiny-sd
+out: {tmp_path / 'slim'}
+sensitivity: {{steps: 2, num_prompts: 4, batch_size: 8, blocks: [up.3.attn.2, mid.attn.0, down.0.attn.1]}}
+prune: {{policy: sensitivity, keep_params: 0.97}}
+stage1: {{max_steps: 1, num_latents: 32, batch_size: 2, report_to: none, final_eval_prompts: 0}}
+stage2: {{max_steps: 1, num_latents: 32, batch_size: 2, student_steps: 4, report_to: none, final_eval_prompts: 0}}
+""")
+    assert main(["compress", "build", str(cfg), "--json"]) == 0
+    out = tmp_path / "slim"
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["default_steps"] == 4 and m["defaults"]["steps"] == 4
+    assert m["prune_plan"]["removed_blocks"] and m["params"]["unet"] < 3_400_000
+    assert any(c.startswith("slimsd compress train --stage 2") for c in m["build"]["commands"])
+    assert "unet/diffusion_pytorch_model.safetensors" in m["files"]
+    assert not any(p.name.startswith("checkpoint-") for p in out.rglob("*"))  # checkpoints stay in the work dir
+    t0 = time.time()
+    from slimsd.compress.build import build, load_build_config
+
+    r = build(load_build_config(cfg), config_path=str(cfg))
+    assert [s["status"] for s in r["stages"]] == ["skipped"] * 5
+    assert time.time() - t0 < 10
