@@ -30,39 +30,41 @@ class ServeSettings(BaseModel):
     onnx_dir: Path | None = Field(None, description="existing `slimsd export onnx` folder; default: exported "
                                                     "into the cache on start-up")
     cache_dir: Path | None = Field(None, description="default $SLIMSD_CACHE/onnx (~/.cache/slimsd/onnx)")
-    dtype: Literal["float32", "float16"] = "float32"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "float16"] = Field("float32", description="export / torch dtype (float16 needs a GPU)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device; cpu also pins ONNX Runtime to "
+                                                   "its CPU provider")
     threads: int | None = Field(None, ge=1, description="intra-op threads of ONNX Runtime / torch (default: all)")
     engines_dir: Path | None = Field(None, description="tensorrt: folder of <component>.plan; default built into "
                                                        "the cache from the ONNX export")
     triton_url: list[str] = Field(default_factory=lambda: ["localhost:8001"],
                                   description="triton: one or more servers, round-robin per call")
-    triton_protocol: Literal["grpc", "http"] = "grpc"
+    triton_protocol: Literal["grpc", "http"] = Field("grpc", description="tritonclient protocol (ports 8001 / 8000)")
 
     # -- HTTP -----------------------------------------------------------------------------
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 to accept other machines")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port")
     api_key: str | None = Field(None, description="when set, `Authorization: Bearer <key>` is required on every "
                                                   "route except /health/*")
-    max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
 
     # -- limits on one request ------------------------------------------------------------
     max_n: int = Field(4, ge=1, description="images per request")
-    max_steps: int = Field(100, ge=1)
-    max_guidance: float = Field(30.0, ge=0)
+    max_steps: int = Field(100, ge=1, description="largest num_inference_steps / steps")
+    max_guidance: float = Field(30.0, ge=0, description="largest guidance_scale / cfg_scale")
     max_size: int | None = Field(None, ge=8, description="largest width/height in px; default 2x the model's size")
-    max_prompt_chars: int = Field(1000, ge=1)
+    max_prompt_chars: int = Field(1000, ge=1, description="longest prompt / negative prompt in characters "
+                                  "(CLIP reads the first 77 tokens)")
 
     # -- batching and queueing ------------------------------------------------------------
     max_batch_size: int = Field(8, ge=1, description="images per backend call")
     max_wait_ms: float = Field(20.0, ge=0, description="how long the first request of a batch waits for company")
     max_queue: int = Field(32, ge=1, description="requests waiting; beyond it: 429 with Retry-After")
     workers: int = Field(1, ge=1, description="inference threads (more only helps with triton or several GPUs)")
-    request_timeout_s: float = Field(120.0, gt=0)
-    drain_timeout_s: float = Field(30.0, ge=0)
-    warmup: bool = True
+    request_timeout_s: float = Field(120.0, gt=0, description="queue + inference time before a 504")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM: how long running requests may finish")
+    warmup: bool = Field(True, description="one 2-step generation before /health/ready turns 200")
 
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     @model_validator(mode="after")
     def _key_from_env(self):

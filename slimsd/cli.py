@@ -470,7 +470,8 @@ def _add_serve(sub):
         ann = f.annotation
         args = [a for a in typing.get_args(ann) if a is not type(None)]
         if ann is bool:
-            p.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false", help=f"skip {name}")
+            p.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false",
+                           help="turn off: " + (f.description or name))
         elif typing.get_origin(ann) is list:
             p.add_argument(flag, dest=name, action="append", default=None,
                            help=helptext + "; repeat for several")
