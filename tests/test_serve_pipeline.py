@@ -39,7 +39,7 @@ def ort_pipe(onnx_dir):
     from slimsd.serve.pipeline import load_pipeline
     from slimsd.serve.settings import ServeSettings
 
-    return load_pipeline(ServeSettings(model="tiny-sd", onnx_dir=onnx_dir))
+    return load_pipeline(ServeSettings(model="tiny-sd", backend="onnxruntime", onnx_dir=onnx_dir))
 
 
 @pytest.fixture(scope="module")
@@ -358,3 +358,23 @@ def test_tensorrt_backend_matches_onnxruntime(onnx_dir, ort_pipe, tmp_path):  # 
     got = pipe.generate(PROMPTS, None, SEEDS, steps=8)
     want = ort_pipe.generate(PROMPTS, None, SEEDS, steps=8)
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 3  # TF32 kernels
+
+
+# -- layering -----------------------------------------------------------------------------------
+def test_serving_never_imports_the_training_stack(onnx_dir):
+    """serve/ loads and generates without slimsd.compress (the training stack) ever imported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import slimsd.serve.app, slimsd.serve.server, slimsd.serve.runners_triton, slimsd.serve.runners_tensorrt\n"
+        "from slimsd.serve.pipeline import load_pipeline\n"
+        "from slimsd.serve.settings import ServeSettings\n"
+        f"for b in ('onnxruntime', 'torch'):\n"
+        f"    load_pipeline(ServeSettings(model='tiny-sd', backend=b, onnx_dir={str(onnx_dir)!r})).warmup()\n"
+        "bad = sorted(m for m in sys.modules if m.startswith(('slimsd.compress', 'compress')))\n"
+        "assert not bad, bad\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
