@@ -12,8 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-Backend = Literal["onnxruntime", "torch", "tensorrt", "triton"]
-BACKENDS: tuple[str, ...] = ("onnxruntime", "torch", "tensorrt", "triton")
+Backend = Literal["auto", "onnxruntime", "openvino", "torch", "tensorrt", "triton"]
+BACKENDS: tuple[str, ...] = ("onnxruntime", "openvino", "torch", "tensorrt", "triton")
 
 
 class ServeSettings(BaseModel):
@@ -23,7 +23,9 @@ class ServeSettings(BaseModel):
     model: str | None = Field(None, description="preset, diffusers folder or hub id; None = the compressed "
                                                 "model (tiny-sd-slim) when it resolves, else the teacher tiny-sd")
     model_name: str | None = Field(None, description="id clients see (OpenAI `model`); default: the model argument")
-    backend: Backend = "onnxruntime"
+    backend: Backend = Field("auto", description="auto = onnxruntime on a CUDA GPU; on a CPU openvino bf16 where "
+                                                 "openvino is installed and the CPU has BF16, else onnxruntime "
+                                                 "(measured: docs/serve.md, OpenVINO)")
     scheduler: str = Field("ddim", description="default scheduler: ddim | euler | euler_a | dpm++")
 
     # -- backend details ------------------------------------------------------------------
@@ -33,7 +35,12 @@ class ServeSettings(BaseModel):
     dtype: Literal["float32", "float16"] = Field("float32", description="export / torch dtype (float16 needs a GPU)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device; cpu also pins ONNX Runtime to "
                                                    "its CPU provider")
-    threads: int | None = Field(None, ge=1, description="intra-op threads of ONNX Runtime / torch (default: all)")
+    threads: int | None = Field(None, ge=1, description="intra-op threads of ONNX Runtime / OpenVINO / torch "
+                                                       "(default: all)")
+    precision: Literal["auto", "bf16", "f32"] = Field("auto", description="openvino: inference precision; auto = "
+                                                      "bf16 where the CPU supports it, else f32")
+    openvino_cache: bool = Field(True, description="openvino: keep compiled models in <onnx dir>/openvino "
+                                                   "(faster restarts)")
     engines_dir: Path | None = Field(None, description="tensorrt: folder of <component>.plan; default built into "
                                                        "the cache from the ONNX export")
     triton_url: list[str] = Field(default_factory=lambda: ["localhost:8001"],

@@ -33,7 +33,7 @@ def pipe(tmp_path_factory):
     from slimsd.serve.settings import ServeSettings
 
     cache = tmp_path_factory.getbasetemp() / "slimsd-cache" / "onnx"  # shared with the other serve tests
-    return load_pipeline(ServeSettings(model="tiny-sd", cache_dir=cache))
+    return load_pipeline(ServeSettings(model="tiny-sd", backend="onnxruntime", cache_dir=cache))
 
 
 def wait_ready(c, timeout: float = 30.0):

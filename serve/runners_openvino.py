@@ -1,0 +1,233 @@
+"""OpenVINO :class:`~slimsd.denoise.Runners` over a ``slimsd export onnx`` folder (CPU).
+
+    runners = OpenVINORunners("exported/tiny-sd", precision="auto", threads=2)
+    images = runners.generate(["a red circle left of a blue square"], steps=25, seeds=[0])
+
+The same ONNX files as :class:`slimsd.runners_ort.OrtRunners`, compiled by OpenVINO's CPU
+plugin; tensor names and dtypes come from the folder's specs, inputs are cast to the exported
+dtype and outputs come back float32.
+
+**Precision** (``INFERENCE_PRECISION_HINT``): ``f32``, ``bf16`` or ``auto``. ``auto`` is bf16
+only where the CPU plugin reports ``BF16`` in ``OPTIMIZATION_CAPABILITIES`` (AVX512-BF16 or
+AMX), else f32. The hint changes the precision of the kernels only: weights stay as stored
+and I/O stay float32. Asking for ``bf16`` on a CPU without BF16 is an error, not a silent f32.
+
+**Threads**: ``threads`` sets ``INFERENCE_NUM_THREADS`` (default: OpenVINO's choice, all
+physical cores); one stream per model with the ``LATENCY`` hint, as one ONNX Runtime session
+per model. Each calling thread gets its own infer request, so ``--workers`` > 1 is safe.
+
+**Start-up cache**: OpenVINO's own compiled-model cache (``CACHE_DIR``) goes to
+``<folder>/openvino/<component>-<sha256 prefix of its ONNX files>/`` (the sha256 recorded in
+the export's ``manifest.json``; a sidecar ``openvino/manifest.json`` lists what each cache
+folder was made from). The folder name must carry the hash: OpenVINO keys blobs of
+``compile_model(path)`` by the *path*, so a re-exported file at the same path would otherwise
+load the old blob (measured: it does). A read-only folder just compiles without a cache.
+Converting to OpenVINO IR (``openvino.save_model``) was measured and not kept: it does not
+shorten compilation, which dominates start-up (docs/serve.md, "OpenVINO").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from slimsd.specs import COMPONENTS, component_specs
+
+log = logging.getLogger("slimsd.serve")
+
+PRECISIONS = ("auto", "bf16", "f32")
+# What ``auto`` picks on a CPU with BF16: bf16 (its images stay within the evaluator's noise
+# on tiny-sd: docs/serve.md, "OpenVINO"); set to "f32" here if that ever stops being true.
+AUTO_PRECISION_WITH_BF16 = "bf16"
+
+
+def available() -> bool:
+    """Whether the ``openvino`` package imports (the ``openvino`` extra)."""
+    try:
+        import openvino  # noqa: F401
+    except Exception:  # noqa: BLE001 - not installed or broken: not available
+        return False
+    return True
+
+
+def _core():
+    try:
+        import openvino as ov
+    except ImportError as e:
+        raise RuntimeError("the openvino backend needs the openvino package: pip install 'slimsd[openvino]'") from e
+    return ov.Core()
+
+
+def cpu_capabilities(core=None) -> list[str]:
+    """``OPTIMIZATION_CAPABILITIES`` of OpenVINO's CPU plugin (e.g. ``['BF16', 'FP32', 'INT8', ...]``)."""
+    core = core or _core()
+    return [str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+
+
+def cpu_supports_bf16(core=None) -> bool:
+    return "BF16" in cpu_capabilities(core)
+
+
+def resolve_precision(precision: str, core=None, capabilities: list[str] | None = None) -> str:
+    """``"bf16"`` or ``"f32"`` for a requested ``auto`` / ``bf16`` / ``f32``.
+
+    ValueError naming the ``precision`` setting for any other value, or for ``bf16`` on a CPU
+    without BF16. ``capabilities`` overrides the CPU plugin's list (tests).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision == "f32":
+        return "f32"
+    caps = cpu_capabilities(core) if capabilities is None else list(capabilities)
+    bf16 = "BF16" in caps
+    if precision == "bf16":
+        if not bf16:
+            raise ValueError(f"precision: bf16 needs a CPU with BF16 support (AVX512-BF16 or AMX); OpenVINO reports "
+                             f"{', '.join(caps) or 'nothing'}. Use precision f32 or auto.")
+        return "bf16"
+    return AUTO_PRECISION_WITH_BF16 if bf16 else "f32"  # auto
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
+
+
+class OpenVINORunners:
+    """Three OpenVINO compiled models (``text_encoder``, ``unet``, ``vae_decoder``) of an exported folder."""
+
+    def __init__(self, folder: str | Path, precision: str = "auto", threads: int | None = None,
+                 cache: bool | str | Path = True, device: str = "CPU", core=None):
+        """``cache``: True = ``<folder>/openvino`` (skipped if not writable), False = none, or a folder."""
+        self.folder = Path(folder)
+        manifest = self.folder / "manifest.json"
+        if not manifest.is_file():
+            raise FileNotFoundError(f"{self.folder}: no manifest.json (not a `slimsd export onnx` folder)")
+        if threads is not None and int(threads) < 1:
+            raise ValueError(f"threads: must be >= 1, got {threads}")
+        self.manifest = json.loads(manifest.read_text())
+        self.specs = component_specs(self.folder)
+        self.core = core or _core()
+        self.requested_precision = precision
+        self.precision = resolve_precision(precision, self.core)
+        self.threads = threads
+        self.device = device
+        self.config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY",
+                       "NUM_STREAMS": "1"}
+        if threads:
+            self.config["INFERENCE_NUM_THREADS"] = str(int(threads))
+        root = (self.folder / "openvino") if cache is True else (Path(cache) if cache else None)
+        self.cache_root = root if root is not None and _writable(root) else None
+        if cache and self.cache_root is None:
+            log.warning("openvino: %s is not writable; compiling without a cache", root)
+        self.compiled, self.compile_s = {}, {}
+        for name in COMPONENTS:
+            path = self.folder / name / "model.onnx"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: missing (export incomplete?)")
+            t0 = time.perf_counter()
+            compiled = self.core.compile_model(str(path), device, self._config_for(name))
+            self.compile_s[name] = round(time.perf_counter() - t0, 3)
+            spec = self.specs[name]
+            got_in = {n for i in compiled.inputs for n in i.get_names()}
+            got_out = {n for o in compiled.outputs for n in o.get_names()}
+            if not set(spec.input_names) <= got_in or not set(spec.output_names) <= got_out:
+                raise ValueError(f"{path}: inputs {sorted(got_in)} / outputs {sorted(got_out)} do not match the spec "
+                                 f"{spec.input_names} / {spec.output_names}")
+            self.compiled[name] = compiled
+        self._local = threading.local()
+        log.info("openvino: compiled %s in %s s (precision %s, threads %s, cache %s)", self.folder, self.compile_s,
+                 self.precision, threads or "auto", self.cache_root)
+
+    # -- compiled-model cache, one folder per component and ONNX content -------------------
+    def _config_for(self, name: str) -> dict:
+        if self.cache_root is None:
+            return dict(self.config)
+        files = self.manifest.get("components", {}).get(name, {}).get("files", {})
+        if not files:  # an export without hashes: no safe cache key
+            return dict(self.config)
+        import hashlib
+
+        key = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+        sub = self.cache_root / f"{name}-{key}"
+        for old in self.cache_root.glob(f"{name}-*"):  # blobs of an older export of this component
+            if old != sub and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+        sub.mkdir(parents=True, exist_ok=True)
+        self._record_cache(name, sub.name, files)
+        return {**self.config, "CACHE_DIR": str(sub)}
+
+    def _record_cache(self, name: str, sub: str, files: dict) -> None:
+        import openvino as ov
+
+        path = self.cache_root / "manifest.json"
+        try:
+            data = json.loads(path.read_text()) if path.is_file() else {}
+        except json.JSONDecodeError:
+            data = {}
+        data.setdefault("components", {})[name] = {"cache": sub, "onnx_sha256": files}
+        data["openvino"] = ov.__version__
+        data["note"] = ("OpenVINO CACHE_DIR per component; the folder name is a hash of the ONNX files' sha256, "
+                        "so a re-export never reuses an old blob")
+        tmp = path.with_name(f"manifest.json.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(path)
+
+    # -- the Runners interface -------------------------------------------------------------
+    def _request(self, name: str):
+        reqs = getattr(self._local, "requests", None)
+        if reqs is None:
+            reqs = self._local.requests = {}
+        if name not in reqs:
+            reqs[name] = self.compiled[name].create_infer_request()
+        return reqs[name]
+
+    def run(self, name: str, **inputs) -> dict[str, np.ndarray]:
+        spec = self.specs[name]
+        feeds = {t.name: np.ascontiguousarray(inputs[t.name], dtype=t.numpy_dtype) for t in spec.inputs}
+        req = self._request(name)
+        req.infer(feeds)
+        # copies: the request's output tensors are reused by its next call
+        return {n: np.array(req.get_tensor(n).data, dtype=np.float32, copy=True) for n in spec.output_names}
+
+    def text_encoder(self, input_ids):
+        return self.run("text_encoder", input_ids=input_ids)["last_hidden_state"]
+
+    def unet(self, sample, timestep, encoder_hidden_states):
+        return self.run("unet", sample=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states)["out_sample"]
+
+    def vae_decoder(self, latent_sample):
+        return self.run("vae_decoder", latent_sample=latent_sample)["sample"]
+
+    # -- what generate() needs besides the runners (as OrtRunners) ---------------------------
+    @property
+    def pipeline_info(self) -> dict:
+        return self.manifest.get("pipeline", {})
+
+    def load_tokenizer(self):
+        from slimsd.denoise import load_tokenizer
+
+        return load_tokenizer(self.folder / "tokenizer")
+
+    def load_scheduler(self, name: str | None = None):
+        from slimsd.denoise import load_scheduler
+
+        return load_scheduler(self.folder / "scheduler", name)
+
+    def generate(self, prompts, negative_prompts=None, steps: int | None = None, guidance: float | None = None,
+                 seeds=None, height: int | None = None, width: int | None = None, scheduler=None, tokenizer=None):
+        """:func:`slimsd.denoise.generate` with this folder's tokenizer, scheduler and defaults."""
+        from slimsd.runners_ort import OrtRunners
+
+        return OrtRunners.generate(self, prompts, negative_prompts, steps=steps, guidance=guidance, seeds=seeds,
+                                   height=height, width=width, scheduler=scheduler, tokenizer=tokenizer)

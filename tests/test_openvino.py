@@ -1,0 +1,242 @@
+"""The OpenVINO backend: the serving behaviours of ONNX Runtime, parity, precision, the auto choice.
+
+Uses the session's cached tiny-sd ONNX export (shared with the other serve tests) and the
+app helpers of ``test_serve_api``. Skips without the ``openvino`` package (extra ``openvino``).
+
+Stated tolerances against the ONNX Runtime runners on the same export, prompts and seeds
+(uint8 pixel values, 8 DDIM steps, guidance 7.5):
+
+* OpenVINO f32: max |diff| <= 2/255 (measured 0 to 1: fp32 kernels differ in summation order).
+* OpenVINO bf16: mean |diff| <= 2/255, 99th percentile <= 16/255, max <= 64/255 (measured mean
+  0.55, p99 6, max 22: bf16 rounds every matmul input to 8 mantissa bits and the loop carries
+  it through the steps). Whether that matters for the output distribution is measured with
+  the evaluator in docs/serve.md, not here.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from slimsd.models import TINY_SD_DIR
+
+ov = pytest.importorskip("openvino")
+pytestmark = pytest.mark.skipif(not (TINY_SD_DIR / "model_index.json").is_file(), reason="tiny-sd weights missing")
+
+PROMPTS = ["a red circle left of a blue square", "a green triangle above a yellow cross"]
+SEEDS = [0, 7]
+GEN = "/v1/images/generations"
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tmp_path_factory):
+    from slimsd.serve.models import ensure_onnx
+
+    # the path `slimsd serve` itself uses under the session's SLIMSD_CACHE, so serve tests share it
+    return ensure_onnx("tiny-sd", TINY_SD_DIR, cache_dir=tmp_path_factory.getbasetemp() / "slimsd-cache" / "onnx")
+
+
+def _load(onnx_dir, **kw):
+    from slimsd.serve.pipeline import load_pipeline
+    from slimsd.serve.settings import ServeSettings
+
+    return load_pipeline(ServeSettings(model="tiny-sd", onnx_dir=onnx_dir, **kw))
+
+
+@pytest.fixture(scope="module")
+def ort_pipe(onnx_dir):
+    return _load(onnx_dir, backend="onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def ov_f32(onnx_dir):
+    return _load(onnx_dir, backend="openvino", precision="f32", threads=2)
+
+
+@pytest.fixture(scope="module")
+def ov_bf16(onnx_dir):
+    from slimsd.serve.runners_openvino import cpu_supports_bf16
+
+    if not cpu_supports_bf16():
+        pytest.skip("this CPU has no BF16 (OpenVINO OPTIMIZATION_CAPABILITIES)")
+    return _load(onnx_dir, backend="openvino", precision="bf16")
+
+
+def _diff(a, b):
+    assert a.shape == b.shape and a.dtype == b.dtype == np.uint8
+    return np.abs(a.astype(int) - b.astype(int))
+
+
+# -- parity with the ONNX Runtime runner ---------------------------------------------------------
+@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
+def test_f32_matches_onnxruntime(ov_f32, ort_pipe, scheduler):
+    ref = ort_pipe.generate(PROMPTS, None, SEEDS, steps=8, guidance=7.5, scheduler=scheduler)
+    got = ov_f32.generate(PROMPTS, None, SEEDS, steps=8, guidance=7.5, scheduler=scheduler)
+    d = _diff(got, ref)
+    print(f"\nopenvino f32/{scheduler}: max {d.max()}/255, mean {d.mean():.4f}")
+    assert d.max() <= 2
+    assert ref.std() > 1  # a real image
+
+
+def test_bf16_close_to_onnxruntime(ov_bf16, ort_pipe):
+    assert ov_bf16.runners.precision == "bf16"
+    assert ov_bf16.runners.compiled["unet"].get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16
+    ref = ort_pipe.generate(PROMPTS, None, SEEDS, steps=8, guidance=7.5)
+    got = ov_bf16.generate(PROMPTS, None, SEEDS, steps=8, guidance=7.5)
+    d = _diff(got, ref)
+    print(f"\nopenvino bf16: max {d.max()}/255, mean {d.mean():.3f}, p99 {np.percentile(d, 99)}")
+    assert d.mean() <= 2 and np.percentile(d, 99) <= 16 and d.max() <= 64
+    assert d.max() > 0  # really bf16: f32 kernels would give (near) identical pixels
+
+
+def test_other_sizes_batches_and_threads(ov_f32, ort_pipe):
+    """Dynamic height/width of the export, micro-batching invariance, thread setting, concurrent workers."""
+    a = ov_f32.generate(PROMPTS[:1], None, [3], steps=3, height=128, width=64)
+    assert a.shape == (1, 128, 64, 3)
+    assert _diff(a, ort_pipe.generate(PROMPTS[:1], None, [3], steps=3, height=128, width=64)).max() <= 2
+    both = ov_f32.generate(PROMPTS, ["", "blurry"], SEEDS, steps=3)
+    one = ov_f32.generate(PROMPTS[1:], ["blurry"], SEEDS[1:], steps=3)
+    assert _diff(both[1:], one).max() <= 1
+    assert int(ov_f32.runners.compiled["unet"].get_property("INFERENCE_NUM_THREADS")) == 2
+    # two workers at once: each thread has its own infer requests, results equal the serial ones
+    out = {}
+    ts = [threading.Thread(target=lambda i=i: out.__setitem__(i, ov_f32.generate(PROMPTS[i:i + 1], None, [SEEDS[i]],
+                                                                                   steps=3))) for i in range(2)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    for i in range(2):
+        assert _diff(out[i], ov_f32.generate(PROMPTS[i:i + 1], None, [SEEDS[i]], steps=3)).max() == 0
+
+
+# -- through the app --------------------------------------------------------------------------------
+def test_generation_through_the_app_returns_a_png(ov_f32):
+    from test_serve_api import png, serving
+
+    with serving(ov_f32) as c:
+        assert c.get("/health/ready").json()["backend"] == "openvino"
+        assert c.get("/v1/models").json()["data"][0]["backend"] == "openvino"
+        r = c.post(GEN, json={"prompt": PROMPTS[0], "n": 2, "num_inference_steps": 3, "seed": 5})
+        assert r.status_code == 200, r.text
+        data = r.json()["data"]
+        imgs = [png(d["b64_json"]) for d in data]
+        assert len(imgs) == 2 and imgs[0].shape == (64, 64, 3) and imgs[0].std() > 1
+        assert np.array_equal(imgs[0], ov_f32.generate(PROMPTS[:1], None, [5], steps=3)[0])
+        a = c.post("/sdapi/v1/txt2img", json={"prompt": PROMPTS[1], "steps": 2, "seed": 1, "batch_size": 1})
+        assert a.status_code == 200 and png(a.json()["images"][0]).shape == (64, 64, 3)
+
+
+# -- precision: resolution and errors ---------------------------------------------------------------
+class _Core:
+    def __init__(self, caps):
+        self.caps = caps
+
+    def get_property(self, device, name):
+        assert (device, name) == ("CPU", "OPTIMIZATION_CAPABILITIES")
+        return self.caps
+
+
+def test_precision_resolution():
+    from slimsd.serve.runners_openvino import resolve_precision
+
+    with_bf16, without = _Core(["BF16", "FP32", "INT8"]), _Core(["FP32", "INT8", "BIN"])
+    assert resolve_precision("auto", with_bf16) == "bf16"
+    assert resolve_precision("auto", without) == "f32"
+    assert resolve_precision("f32", with_bf16) == "f32"
+    assert resolve_precision("bf16", with_bf16) == "bf16"
+    assert resolve_precision("auto", capabilities=[]) == "f32"
+    with pytest.raises(ValueError, match=r"^precision: bf16 needs a CPU with BF16.*FP32, INT8, BIN"):
+        resolve_precision("bf16", without)
+    for bad in ("fp16", "BF16", "", "float32"):
+        with pytest.raises(ValueError, match=r"^precision: must be one of auto, bf16, f32; got"):
+            resolve_precision(bad, with_bf16)
+
+
+def test_auto_precision_follows_the_cpu(onnx_dir, monkeypatch):
+    """A CPU without BF16 (mocked) gets f32 from auto; explicit bf16 there fails at start-up."""
+    from slimsd.serve import runners_openvino as rov
+
+    monkeypatch.setattr(rov, "cpu_capabilities", lambda core=None: ["FP32", "INT8"])
+    pipe = _load(onnx_dir, backend="openvino")  # precision auto
+    assert pipe.runners.precision == "f32"
+    assert pipe.runners.compiled["unet"].get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+    with pytest.raises(ValueError, match="precision: bf16 needs"):
+        _load(onnx_dir, backend="openvino", precision="bf16")
+
+
+def test_bad_precision_is_a_clear_error_naming_the_field(capsys):
+    from pydantic import ValidationError
+
+    from slimsd.cli import build_parser
+    from slimsd.serve.settings import ServeSettings
+
+    with pytest.raises(ValidationError) as e:
+        ServeSettings(backend="openvino", precision="fp16")
+    assert e.value.errors()[0]["loc"] == ("precision",) and "'auto', 'bf16' or 'f32'" in str(e.value)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--backend", "openvino", "--precision", "fp16"])
+    assert "--precision: invalid choice: 'fp16'" in capsys.readouterr().err
+    a = build_parser().parse_args(["serve", "--backend", "openvino", "--precision", "bf16", "--threads", "2",
+                                   "--no-openvino-cache"])
+    assert (a.backend, a.precision, a.threads, a.openvino_cache) == ("openvino", "bf16", 2, False)
+
+
+# -- the auto backend and the compiled-model cache --------------------------------------------------
+def test_auto_backend_choice(monkeypatch):
+    from slimsd.serve import runners_openvino as rov
+    from slimsd.serve.pipeline import choose_backend
+    from slimsd.serve.settings import ServeSettings
+
+    def pick(caps, **kw):
+        monkeypatch.setattr(rov, "cpu_capabilities", lambda core=None: caps)
+        return choose_backend(ServeSettings(**kw))[0]
+
+    assert ServeSettings().backend == "auto"
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    bf16, plain = ["BF16", "FP32", "INT8"], ["FP32", "INT8"]
+    assert pick(bf16) == pick(bf16, device="cpu") == pick(bf16, precision="bf16") == "openvino"
+    assert pick(plain) == "onnxruntime"  # OpenVINO f32 measured no faster than ONNX Runtime
+    assert pick(bf16, precision="f32") == "onnxruntime"
+    assert pick(plain, precision="bf16") == "openvino"  # whose loader then names the missing BF16
+    assert pick(bf16, device="cuda") == "onnxruntime"
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert pick(bf16) == "onnxruntime"  # a GPU: ONNX Runtime's CUDA provider
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr(rov, "available", lambda: False)
+    backend, why = choose_backend(ServeSettings())
+    assert backend == "onnxruntime" and "pip install 'slimsd[openvino]'" in why
+
+
+def test_compiled_model_cache_is_keyed_by_the_onnx_hash(onnx_dir, ov_f32, tmp_path):
+    """One cache folder per component and ONNX sha256; a re-export gets a fresh one, the old one goes.
+
+    (OpenVINO keys blobs of ``compile_model(path)`` by the path alone: without the hash in the
+    folder name a re-exported file would load the old blob.)
+    """
+    import json
+    import shutil
+
+    from slimsd.serve.runners_openvino import OpenVINORunners
+
+    folder = tmp_path / "export"
+    shutil.copytree(onnx_dir, folder)  # with the cache ov_f32 filled
+    side = json.loads((folder / "openvino" / "manifest.json").read_text())
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for name in ("text_encoder", "unet", "vae_decoder"):
+        entry = side["components"][name]
+        assert entry["onnx_sha256"] == manifest["components"][name]["files"]
+        assert any((folder / "openvino" / entry["cache"]).iterdir()), f"{name}: no blob cached"
+    old = side["components"]["vae_decoder"]["cache"]
+    # a "re-export" of the VAE decoder: other bytes, so other sha256 in the export's manifest
+    shutil.copy(folder / "text_encoder" / "model.onnx", folder / "vae_decoder" / "model.onnx")
+    manifest["components"]["vae_decoder"]["files"] = {"vae_decoder/model.onnx": "0" * 64}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="do not match the spec"):  # the new file, not the old blob
+        OpenVINORunners(folder, precision="f32")
+    side = json.loads((folder / "openvino" / "manifest.json").read_text())
+    assert side["components"]["vae_decoder"]["cache"] != old and not (folder / "openvino" / old).exists()
+    none = OpenVINORunners(onnx_dir, precision="f32", cache=False)
+    assert none.cache_root is None and "CACHE_DIR" not in none._config_for("unet")
+    x = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    assert np.array_equal(none.vae_decoder(x), ov_f32.runners.vae_decoder(x))  # cached blob == fresh compile
