@@ -56,7 +56,9 @@ def server(tmp_path_factory):
     ensure_onnx("tiny-sd", TINY_SD_DIR, cache_dir=cache / "onnx")  # what `slimsd serve` does on a fresh clone
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    proc = start(["tiny-sd", "--port", str(port), "--max-wait-ms", "300", "--drain-timeout-s", "20"],
+    # onnxruntime named: `auto` would pick OpenVINO where it is installed and compile for a minute
+    proc = start(["tiny-sd", "--backend", "onnxruntime", "--port", str(port), "--max-wait-ms", "300",
+                  "--drain-timeout-s", "20"],
                  {"SLIMSD_CACHE": str(cache), "SLIMSD_API_KEY": KEY}, log)
     url = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
