@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import secrets
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -118,7 +118,3 @@ def a1111_sampler(name: str | None) -> str | None:
     offered = ["DDIM", "Euler", "Euler a", "DPM++ 2M"]
     raise APIError(400, f"sampler_name: {name!r} is not available; choose one of {', '.join(offered)}",
                    "sampler_name", "invalid_value")
-
-
-def params_dict(p: GenerationParams) -> dict:
-    return asdict(p)

@@ -7,7 +7,6 @@ The server reuses the session's ONNX cache (exported by the first serve test to 
 from __future__ import annotations
 
 import base64
-import json
 import os
 import shutil
 import signal
