@@ -19,9 +19,10 @@ per model. Each calling thread gets its own infer request, so ``--workers`` > 1 
 **Start-up cache**: OpenVINO's own compiled-model cache (``CACHE_DIR``) goes to
 ``<folder>/openvino/<component>-<sha256 prefix of its ONNX files>/`` (the sha256 recorded in
 the export's ``manifest.json``; a sidecar ``openvino/manifest.json`` lists what each cache
-folder was made from). The folder name must carry the hash: OpenVINO keys blobs of
-``compile_model(path)`` by the *path*, so a re-exported file at the same path would otherwise
-load the old blob (measured: it does). A read-only folder just compiles without a cache.
+folder was made from). With the content hash in the folder name a re-export can never meet
+an old blob, whatever OpenVINO's own key for ``compile_model(path)`` covers, and the old
+folder is deleted (OpenVINO never deletes blobs; an SD U-Net's is gigabytes). A read-only
+folder just compiles without a cache.
 Converting to OpenVINO IR (``openvino.save_model``) was measured and not kept: it does not
 shorten compilation, which dominates start-up (docs/serve.md, "OpenVINO").
 """

@@ -209,11 +209,7 @@ def test_auto_backend_choice(monkeypatch):
 
 
 def test_compiled_model_cache_is_keyed_by_the_onnx_hash(onnx_dir, ov_f32, tmp_path):
-    """One cache folder per component and ONNX sha256; a re-export gets a fresh one, the old one goes.
-
-    (OpenVINO keys blobs of ``compile_model(path)`` by the path alone: without the hash in the
-    folder name a re-exported file would load the old blob.)
-    """
+    """One cache folder per component and ONNX sha256; a re-export gets a fresh one, the old one goes."""
     import json
     import shutil
 
