@@ -23,8 +23,9 @@ folder was made from). With the content hash in the folder name a re-export can 
 an old blob, whatever OpenVINO's own key for ``compile_model(path)`` covers, and the old
 folder is deleted (OpenVINO never deletes blobs; an SD U-Net's is gigabytes). A read-only
 folder just compiles without a cache.
-Converting to OpenVINO IR (``openvino.save_model``) was measured and not kept: it does not
-shorten compilation, which dominates start-up (docs/serve.md, "OpenVINO").
+Converting to OpenVINO IR (``openvino.save_model``) was measured and not kept: a warm cache
+starts faster than compiling IR, and a first start would pay the conversion on top
+(docs/serve.md, "OpenVINO").
 """
 
 from __future__ import annotations
