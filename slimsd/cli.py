@@ -206,6 +206,7 @@ _TRAIN_HELP = {
     "lr_scheduler": "constant | constant_with_warmup | linear | cosine | ... (diffusers get_scheduler)",
     "mixed_precision": "no | fp16 | bf16 (fp16 needs a GPU)",
     "use_ema": "keep an EMA of the student and save it",
+    "gradient_checkpointing": "recompute activations in the backward pass (less GPU memory)",
     "lambda_diff": "weight of L_Diff (default 1 in both stages)",
     "lambda_out_kd": "weight of L_OutKD, eq. 2 (stage 1 default 1)",
     "lambda_cfg_kd": "weight of L_CfgKD, eq. 1 (stage 1 default 1; 0 = the ablation without it)",
