@@ -495,6 +495,73 @@ def _cmd_serve(a) -> int:
     return run(ServeSettings(**fields))
 
 
+def _add_loadtest(sub):
+    from slimsd.loadtest.compare import BACKENDS, MAX_DURATION_S, MAX_LEVELS, MAX_USERS
+
+    p = sub.add_parser("loadtest", help="locust load tests of slimsd serve (docs/loadtest.md)")
+    lsub = p.add_subparsers(dest="loadtest_command", required=True)
+    c = _sub(lsub, "compare", help="baseline (teacher, 25 steps) vs compressed model (8 steps) through "
+             "slimsd serve under locust at fixed concurrency levels; writes report.md/.csv/.png")
+    c.add_argument("--out", default="runs/loadtest", help="report folder (default runs/loadtest)")
+    c.add_argument("--baseline", default="tiny-sd", help="baseline model (default tiny-sd, the teacher)")
+    c.add_argument("--baseline-steps", type=int, default=25)
+    c.add_argument("--compressed", default=None, help="compressed model (default: tiny-sd-slim when it resolves, "
+                   "else the baseline pruned with --prune-preset only, made once into $SLIMSD_CACHE/loadtest)")
+    c.add_argument("--compressed-steps", type=int, default=8)
+    c.add_argument("--prune-preset", default="bk-small", help="preset of the pruned-only stand-in (default bk-small)")
+    c.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="the same for both models")
+    c.add_argument("--threads", type=int, default=None, help="server intra-op threads (default: all cores)")
+    c.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    c.add_argument("--levels", default="1,4,16", help=f"concurrent users per level, comma list (at most "
+                   f"{MAX_LEVELS} levels of 1-{MAX_USERS} users; default 1,4,16)")
+    c.add_argument("--duration", type=int, default=20, help=f"seconds per level (1-{MAX_DURATION_S}; default 20)")
+    c.add_argument("--short", action="store_true", help="smoke test: levels 1,2 for 5 s each")
+    c.add_argument("--guidance", type=float, default=7.5)
+    c.add_argument("--size", default=None, help="'WxH' (default: the model's native size)")
+    c.add_argument("--images-per-request", type=int, default=1)
+    c.add_argument("--prompts", default=None, help="prompt file, one per line (default: 64 held-out scene prompts)")
+    c.add_argument("--max-batch-size", type=int, default=8, help="server micro-batch limit (images)")
+    c.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip warming each batch shape")
+    c.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for /health/ready "
+                   "(includes the first start's ONNX export)")
+    c.set_defaults(func=_cmd_loadtest_compare)
+    pr = _sub(lsub, "prompts", help="write held-out scene prompts, one per line, for locust --prompts-file")
+    pr.add_argument("file")
+    pr.add_argument("--num", type=int, default=64)
+    pr.set_defaults(func=_cmd_loadtest_prompts)
+
+
+def _cmd_loadtest_compare(a) -> int:
+    import shlex
+
+    from slimsd.loadtest.compare import CompareConfig, run_compare
+
+    cfg = CompareConfig(out=a.out, baseline=a.baseline, baseline_steps=a.baseline_steps, compressed=a.compressed,
+                        compressed_steps=a.compressed_steps, prune_preset=a.prune_preset, backend=a.backend,
+                        threads=a.threads, device=a.device, levels=tuple(int(x) for x in a.levels.split(",") if x),
+                        duration_s=a.duration, short=a.short, guidance=a.guidance, size=a.size,
+                        images_per_request=a.images_per_request, prompts=a.prompts, max_batch_size=a.max_batch_size,
+                        warmup=a.warmup, ready_timeout_s=a.ready_timeout,
+                        command="slimsd " + shlex.join(sys.argv[1:] if sys.argv[1:2] == ["loadtest"] else
+                                                       ["loadtest", "compare"]))
+    log = (lambda m: print(m, file=sys.stderr, flush=True))
+    r = run_compare(cfg, log=log)
+    if a.json:
+        print(json.dumps({"files": r["files"], "speedups": r["speedups"], "models": r["models"]}, default=str))
+    else:
+        print(open(r["files"]["md"]).read())
+        print(f"wrote {', '.join(r['files'].values())}")
+    return 0
+
+
+def _cmd_loadtest_prompts(a) -> int:
+    from slimsd.loadtest.prompts import write_prompts
+
+    path = write_prompts(a.file, a.num)
+    print(json.dumps({"file": str(path), "num": a.num}) if a.json else f"wrote {a.num} prompts to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slimsd", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -505,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compress(sub)
     _add_export(sub)
     _add_serve(sub)
+    _add_loadtest(sub)
     return p
 
 
