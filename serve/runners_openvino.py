@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slimsd.runners_ort import ExportFolderRunners
 from slimsd.specs import COMPONENTS, component_specs
 
 log = logging.getLogger("slimsd.serve")
@@ -105,7 +106,7 @@ def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK)
 
 
-class OpenVINORunners:
+class OpenVINORunners(ExportFolderRunners):
     """Three OpenVINO compiled models (``text_encoder``, ``unet``, ``vae_decoder``) of an exported folder."""
 
     def __init__(self, folder: str | Path, precision: str = "auto", threads: int | None = None,
@@ -201,35 +202,3 @@ class OpenVINORunners:
         req.infer(feeds)
         # copies: the request's output tensors are reused by its next call
         return {n: np.array(req.get_tensor(n).data, dtype=np.float32, copy=True) for n in spec.output_names}
-
-    def text_encoder(self, input_ids):
-        return self.run("text_encoder", input_ids=input_ids)["last_hidden_state"]
-
-    def unet(self, sample, timestep, encoder_hidden_states):
-        return self.run("unet", sample=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states)["out_sample"]
-
-    def vae_decoder(self, latent_sample):
-        return self.run("vae_decoder", latent_sample=latent_sample)["sample"]
-
-    # -- what generate() needs besides the runners (as OrtRunners) ---------------------------
-    @property
-    def pipeline_info(self) -> dict:
-        return self.manifest.get("pipeline", {})
-
-    def load_tokenizer(self):
-        from slimsd.denoise import load_tokenizer
-
-        return load_tokenizer(self.folder / "tokenizer")
-
-    def load_scheduler(self, name: str | None = None):
-        from slimsd.denoise import load_scheduler
-
-        return load_scheduler(self.folder / "scheduler", name)
-
-    def generate(self, prompts, negative_prompts=None, steps: int | None = None, guidance: float | None = None,
-                 seeds=None, height: int | None = None, width: int | None = None, scheduler=None, tokenizer=None):
-        """:func:`slimsd.denoise.generate` with this folder's tokenizer, scheduler and defaults."""
-        from slimsd.runners_ort import OrtRunners
-
-        return OrtRunners.generate(self, prompts, negative_prompts, steps=steps, guidance=guidance, seeds=seeds,
-                                   height=height, width=width, scheduler=scheduler, tokenizer=tokenizer)

@@ -24,42 +24,21 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-class OrtRunners:
-    """Three ONNX Runtime sessions (``text_encoder``, ``unet``, ``vae_decoder``) of an exported folder."""
+class ExportFolderRunners:
+    """What every runner over a ``slimsd export onnx`` folder shares: the three component calls
+    on top of ``run(name, **inputs)``, and the folder's tokenizer, scheduler and defaults.
 
-    def __init__(self, folder: str | Path, providers: list[str] | None = None, threads: int | None = None):
-        import onnxruntime as ort
+    Subclasses set ``folder``, ``manifest`` and ``specs`` and implement ``run``.
+    """
 
-        self.folder = Path(folder)
-        manifest = self.folder / "manifest.json"
-        if not manifest.is_file():
-            raise FileNotFoundError(f"{self.folder}: no manifest.json (not a `slimsd export onnx` folder)")
-        self.manifest = json.loads(manifest.read_text())
-        self.specs = component_specs(self.folder)
-        self.providers = providers or default_providers()
-        so = ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = threads
-        self.sessions = {}
-        for name in COMPONENTS:
-            path = self.folder / name / "model.onnx"
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: missing (export incomplete?)")
-            sess = ort.InferenceSession(str(path), so, providers=self.providers)
-            spec = self.specs[name]
-            got_in, got_out = [i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()]
-            if set(got_in) != set(spec.input_names) or not set(spec.output_names) <= set(got_out):
-                raise ValueError(f"{path}: inputs {got_in} / outputs {got_out} do not match the spec "
-                                 f"{spec.input_names} / {spec.output_names}")
-            self.sessions[name] = sess
+    folder: Path
+    manifest: dict
+    specs: dict
+
+    def run(self, name: str, **inputs) -> dict[str, np.ndarray]:
+        raise NotImplementedError
 
     # -- the Runners interface -------------------------------------------------------------
-    def run(self, name: str, **inputs) -> dict[str, np.ndarray]:
-        spec = self.specs[name]
-        feeds = {t.name: np.ascontiguousarray(inputs[t.name], dtype=t.numpy_dtype) for t in spec.inputs}
-        outs = self.sessions[name].run(spec.output_names, feeds)
-        return {n: o.astype(np.float32, copy=False) for n, o in zip(spec.output_names, outs)}
-
     def text_encoder(self, input_ids):
         return self.run("text_encoder", input_ids=input_ids)["last_hidden_state"]
 
@@ -100,3 +79,39 @@ class OrtRunners:
             seeds=seeds, height=height, width=width, vae_scaling_factor=dims.vae_scaling_factor,
             vae_scale_factor=dims.vae_scale_factor, latent_channels=dims.latent_channels,
         )
+
+
+class OrtRunners(ExportFolderRunners):
+    """Three ONNX Runtime sessions (``text_encoder``, ``unet``, ``vae_decoder``) of an exported folder."""
+
+    def __init__(self, folder: str | Path, providers: list[str] | None = None, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.folder = Path(folder)
+        manifest = self.folder / "manifest.json"
+        if not manifest.is_file():
+            raise FileNotFoundError(f"{self.folder}: no manifest.json (not a `slimsd export onnx` folder)")
+        self.manifest = json.loads(manifest.read_text())
+        self.specs = component_specs(self.folder)
+        self.providers = providers or default_providers()
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        self.sessions = {}
+        for name in COMPONENTS:
+            path = self.folder / name / "model.onnx"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: missing (export incomplete?)")
+            sess = ort.InferenceSession(str(path), so, providers=self.providers)
+            spec = self.specs[name]
+            got_in, got_out = [i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()]
+            if set(got_in) != set(spec.input_names) or not set(spec.output_names) <= set(got_out):
+                raise ValueError(f"{path}: inputs {got_in} / outputs {got_out} do not match the spec "
+                                 f"{spec.input_names} / {spec.output_names}")
+            self.sessions[name] = sess
+
+    def run(self, name: str, **inputs) -> dict[str, np.ndarray]:
+        spec = self.specs[name]
+        feeds = {t.name: np.ascontiguousarray(inputs[t.name], dtype=t.numpy_dtype) for t in spec.inputs}
+        outs = self.sessions[name].run(spec.output_names, feeds)
+        return {n: o.astype(np.float32, copy=False) for n, o in zip(spec.output_names, outs)}
