@@ -133,7 +133,7 @@ def plot(path: str | Path, rows: list[dict], title: str = "") -> Path:
     for i, label in enumerate(dict.fromkeys(r["label"] for r in rows)):
         rs = sorted((r for r in rows if r["label"] == label), key=lambda r: r["users"])
         users = [r["users"] for r in rs]
-        name = f"{label}: {rs[0]['model']} ({rs[0]['steps']} steps)"
+        name = f"{label}: {short_name(rs[0]['model'])}, {rs[0]['steps']} steps"
         color = f"C{i}"
         ax1.plot(users, [r["p50_ms"] / 1000 for r in rs], "o-", color=color, label=name + " p50")
         ax1.plot(users, [r["p95_ms"] / 1000 for r in rs], "s--", color=color, alpha=0.7, label=name + " p95")
@@ -146,14 +146,19 @@ def plot(path: str | Path, rows: list[dict], title: str = "") -> Path:
         ax.set_ylabel(ylabel)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-    ax1.legend(fontsize=7)
-    ax2.legend(fontsize=7)
+    ax1.legend(fontsize=7, loc="upper left")
+    ax2.legend(fontsize=7, loc="upper left")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def short_name(model: str) -> str:
+    """``tiny-sd`` stays; a folder path becomes its last component."""
+    return Path(str(model).rstrip("/")).name or str(model)
 
 
 def _f(x: float, nd: int = 0) -> str:
@@ -163,7 +168,7 @@ def _f(x: float, nd: int = 0) -> str:
 def markdown(result: dict) -> str:
     """The report: what ran, per-level table, speedups."""
     m, rows = result["models"], result["rows"]
-    lines = [f"# Load test: {m['compressed']['model']} vs {m['baseline']['model']}", "",
+    lines = [f"# Load test: {short_name(m['compressed']['model'])} vs {short_name(m['baseline']['model'])}", "",
              f"Backend **{result['backend']}**" + (f", {result['threads']} threads" if result.get("threads") else
                                                   ", all cores") + f", {result['duration_s']:g} s per level, "
              f"closed-loop users (each sends its next request when the previous is answered), "
@@ -202,8 +207,9 @@ def write_report(out: str | Path, result: dict) -> dict:
     result["files"] = {k: str(v) for k, v in files.items()}
     result["speedups"] = speedups(result["rows"])
     write_csv(files["csv"], result["rows"])
-    plot(files["png"], result["rows"], title=f"{result['backend']}: {result['models']['compressed']['model']} "
-         f"vs {result['models']['baseline']['model']}")
+    plot(files["png"], result["rows"], title=f"{result['backend']}: {short_name(result['models']['compressed']['model'])} "
+         f"({result['models']['compressed']['steps']} steps) vs {short_name(result['models']['baseline']['model'])} "
+         f"({result['models']['baseline']['steps']} steps)")
     files["md"].write_text(markdown(result))
     files["json"].write_text(json.dumps(result, indent=2, default=str) + "\n")
     return result["files"]
