@@ -1,0 +1,337 @@
+"""End to end at 512x512 on the SD v2.1-base architecture: SD 25 steps vs the 466M pruned U-Net at 8 steps.
+
+    python benchmarks/e2e_sd21.py --onnx runs/onnx-sd21 --threads 1
+
+``sd21-base-arch`` has random weights: these are **speed** numbers only. One image with
+classifier-free guidance at 512x512 (64x64 latent):
+
+* components, each timed on its own: text encoder (batch 2: prompt + negative), **one U-Net
+  step** (batch 2) for the unpruned U-Net and for every 466M pruning plan, VAE decode (batch 1);
+* **bounded**: a few calls per component (``--te-repeats``, ``--unet-repeats``,
+  ``--vae-repeats``); the whole generation is *not* run: total = text encoder + steps x U-Net
+  step + VAE decode (SD: 25 steps of the unpruned U-Net; ours: 8 steps of the pruned one). The
+  scheduler maths between steps is not included (a few ms per step on 1x4x64x64 latents);
+* runtimes: torch eager (fp32) and ONNX Runtime (CPU, fp32) on the export in ``--onnx`` (a
+  ``slimsd export onnx sd21-base-arch`` folder, reused, never re-exported). The pruned U-Net is
+  exported on its own (U-Net only, same spec as the full export, no parity check) into
+  ``--pruned-onnx-root/<plan>/unet/`` the first time, for the plans ``--ort-plans`` selects;
+* FLOPs per component are counted with ``torch.utils.flop_counter.FlopCounterMode`` on the
+  meta device (no compute) and shown with the achieved FLOP/s as a share of this machine's
+  fp32 matmul rate, measured here with the same threads.
+
+Pruning plans: the two 466M plans of ``benchmarks/results/prune_latency.json`` (the pruning
+issue: the paper's ``sensitivity`` policy and the latency-aware ``sensitivity-per-ms``) when that
+file exists; else the paper's policy on ``--report`` (a sensitivity report) when given or found
+at ``runs/sens-tiny/sensitivity.json``; else a fallback: BK-SDM-Small's removals (485.8M) plus the
+removable blocks that bring it closest to 466M. The results say which.
+
+Writes ``benchmarks/results/e2e_sd21.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from e2e_common import (ROOT, OrtComponents, TorchComponents, component_inputs, count_flops, fmt_s, log,  # noqa: E402
+                        machine, matmul_peak, stats, time_calls, write_results)
+
+TARGET = 466e6
+PAPER = {"A6000 Table 1 (avg. s/image)": (0.66, 0.26), "A6000 §4 text (s/image)": (0.92, 0.31)}
+SD_STEPS, OUR_STEPS = 25, 8
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def meta_unet_params(preset: str = "sd21-base-arch") -> tuple[dict, int, object]:
+    from slimsd.models import build_components
+    from slimsd.unet_blocks import list_blocks
+
+    unet = build_components(preset, device="meta")[0]
+    return {b.name: b for b in list_blocks(unet)}, sum(p.numel() for p in unet.parameters()), unet
+
+
+def pruning_plans(plans_json: Path, report: Path | None, preset: str = "sd21-base-arch") -> tuple[dict[str, list[str]], str]:
+    """{plan name: removed blocks}, and where they came from."""
+    if plans_json.is_file():
+        data = json.loads(plans_json.read_text())
+        plans = {k: v["removed_blocks"] for k, v in data.get("plans", {}).items()}
+        if plans:
+            return plans, f"`{plans_json.relative_to(ROOT) if plans_json.is_relative_to(ROOT) else plans_json}` " \
+                          f"(the pruning issue's 466M plans, made from `{data.get('report')}`)"
+    blocks, total, _ = meta_unet_params(preset)
+    params = {n: b.params for n, b in blocks.items()}
+    for rep in [report, ROOT / "runs" / "sens-tiny" / "sensitivity.json"]:
+        if rep and Path(rep).is_file():
+            from slimsd.compress.prune import plan_pruning
+
+            p = plan_pruning(json.loads(Path(rep).read_text()), "sensitivity", target_params=int(TARGET), params=params,
+                             total_params=total)
+            return {"466M sensitivity": p["removed_blocks"]}, \
+                f"FALLBACK: `prune_latency.json` missing; the paper's policy on `{rep}` (parameters only)"
+    from slimsd.compress.prune import PRESETS
+
+    removed = list(PRESETS["bk-small"])
+    left = total - sum(params[n] for n in removed)
+    while left > TARGET * 1.01:
+        cands = [b for n, b in blocks.items() if b.removable and n not in removed]
+        best = min(cands, key=lambda b: abs(left - b.params - TARGET))
+        if abs(left - best.params - TARGET) >= abs(left - TARGET):
+            break
+        removed.append(best.name)
+        left -= best.params
+    return {"466M bk-small+ fallback": removed}, \
+        ("FALLBACK: no `benchmarks/results/prune_latency.json` and no sensitivity report; BK-SDM-Small's removals "
+         f"plus the blocks that bring the U-Net closest to 466M ({', '.join(removed[len(PRESETS['bk-small']):])})")
+
+
+def flops_meta(plans: dict[str, list[str]], dims, preset: str = "sd21-base-arch") -> dict:
+    """FLOPs of every component (and every pruned U-Net) at 512x512, counted on the meta device."""
+    import torch
+
+    from slimsd.models import build_components
+    from slimsd.unet_blocks import PrunedUNet2DConditionModel
+
+    unet, vae, te, _, _ = build_components(preset, device="meta")
+    lh, lw = dims.latent_height, dims.latent_width
+    x = torch.randn(2, dims.unet_in_channels, lh, lw, device="meta")
+    t = torch.full((2,), 500.0, device="meta")
+    c = torch.randn(2, 77, te.config.hidden_size, device="meta")
+    out = {"text_encoder": count_flops(lambda: te(input_ids=torch.zeros(2, 77, dtype=torch.long, device="meta"))),
+           "unet": count_flops(lambda: unet(x, t, c, return_dict=False)),
+           "vae_decoder": count_flops(lambda: vae.decode(torch.randn(1, dims.latent_channels, lh, lw, device="meta"))),
+           "params": {"text_encoder": sum(p.numel() for p in te.parameters()),
+                      "unet": sum(p.numel() for p in unet.parameters()),
+                      "vae_decoder": sum(p.numel() for p in vae.decoder.parameters()) +
+                      sum(p.numel() for p in vae.post_quant_conv.parameters())}}
+    cfg = {k: v for k, v in unet.config.items() if not k.startswith("_") and k != "removed_blocks"}
+    for name, removed in plans.items():
+        with torch.device("meta"):
+            p = PrunedUNet2DConditionModel(**cfg, removed_blocks=removed)
+        out[f"unet:{name}"] = count_flops(lambda: p(x, t, c, return_dict=False))
+        out["params"][f"unet:{name}"] = sum(q.numel() for q in p.parameters())
+    return out
+
+
+def export_pruned_unet(pruned, spec, out_dir: Path, opset: int) -> Path:
+    """U-Net only, as ``slimsd export onnx`` writes it (trace, stamp names, clean-up), without parity check."""
+    from slimsd.export.onnx import _wrappers, clean_up, stamp_io, torch_export
+
+    final = out_dir / "unet" / "model.onnx"
+    if final.is_file():
+        return final
+    tmp = out_dir / ".unet.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "raw").mkdir(parents=True)
+    t0 = time.perf_counter()
+    torch_export(_wrappers()["unet"](pruned).eval(), spec, tmp / "raw" / "model.onnx", opset)
+    stamp_io(tmp / "raw" / "model.onnx", spec)
+    clean_up(tmp / "raw" / "model.onnx", tmp / "final" / "model.onnx", optimize=True, dtype="float32", external=True)
+    shutil.rmtree(tmp / "raw")
+    shutil.rmtree(out_dir / "unet", ignore_errors=True)
+    (tmp / "final").rename(out_dir / "unet")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (out_dir / "export.json").write_text(json.dumps({"seconds": time.perf_counter() - t0, "opset": opset,
+                                                     "removed_blocks": list(pruned.config.removed_blocks)}, indent=2))
+    log(f"exported pruned U-Net to {final} in {time.perf_counter() - t0:.0f} s")
+    return final
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--onnx", default=str(ROOT / "runs" / "onnx-sd21"), help="slimsd export onnx sd21-base-arch folder")
+    ap.add_argument("--plans", default=str(ROOT / "benchmarks" / "results" / "prune_latency.json"))
+    ap.add_argument("--report", default=None, help="sensitivity report for the fallback plan")
+    ap.add_argument("--pruned-onnx-root", default=str(ROOT / "runs" / "onnx-sd21-pruned"))
+    ap.add_argument("--ort-plans", default="first", choices=("first", "all", "none"),
+                    help="plans whose pruned U-Net is exported and timed in ONNX Runtime (default: the first)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--te-repeats", type=int, default=3)
+    ap.add_argument("--unet-repeats", type=int, default=2)
+    ap.add_argument("--vae-repeats", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=0, help="untimed calls before U-Net / VAE timing (text encoder: 1)")
+    ap.add_argument("--no-ort", action="store_true")
+    ap.add_argument("--stem", default="e2e_sd21")
+    ap.add_argument("--preset", default="sd21-base-arch", help=argparse.SUPPRESS)  # tiny-sd: smoke test of the script
+    a = ap.parse_args()
+
+    import torch
+
+    from slimsd.models import build_components
+    from slimsd.specs import ModelDims, component_specs
+    from slimsd.unet_blocks import PrunedUNet2DConditionModel
+
+    t_start = time.time()
+    torch.set_num_threads(a.threads)
+    before = machine(a.threads)
+    log(f"load average before: {before['load_average']}")
+    peak = matmul_peak(a.threads)
+    log(f"fp32 matmul ({a.threads} threads): {peak['gflops']:.1f} GFLOP/s")
+    plans, plans_source = pruning_plans(Path(a.plans), Path(a.report) if a.report else None, a.preset)
+    log(f"plans: {plans_source}: {list(plans)}")
+    onnx_dir = Path(a.onnx)
+    dims = ModelDims.from_folder(onnx_dir) if (onnx_dir / "manifest.json").is_file() else None
+    if dims is None:
+        from slimsd.models import resolve_model
+
+        dims = ModelDims.from_folder(resolve_model(a.preset))
+    flops = flops_meta(plans, dims, a.preset)
+    log("FLOPs: " + ", ".join(f"{k} {v / 1e12:.3f} T" for k, v in flops.items() if k != "params"))
+    inputs = component_inputs(dims)
+    times: dict[str, dict] = {"torch": {}, "onnxruntime": {}}
+
+    def rep(name):
+        return {"text_encoder": a.te_repeats, "vae_decoder": a.vae_repeats}.get(name, a.unet_repeats)
+
+    def warm(name):
+        return 1 if name == "text_encoder" else a.warmup
+
+    # -- torch eager -------------------------------------------------------------------------
+    log(f"building {a.preset} (random weights) ...")
+    unet, vae, te, _, _ = build_components(a.preset)
+    tc = TorchComponents(te, unet, vae)
+    for c in ("text_encoder", "unet", "vae_decoder"):
+        times["torch"][c] = stats(time_calls(tc.fn(c, inputs[c]), rep(c), warm(c)))
+        log(f"torch {c}: {fmt_s(times['torch'][c]['median_s'])} ({times['torch'][c]['all_s']})")
+    ort_plans = {"first": list(plans)[:1], "all": list(plans), "none": []}[a.ort_plans] if not a.no_ort else []
+    pruned_onnx = {}
+    spec = component_specs(onnx_dir)["unet"] if (onnx_dir / "manifest.json").is_file() else None
+    for name, removed in plans.items():
+        pruned = PrunedUNet2DConditionModel.from_unet(unet, removed).eval()
+        if name in ort_plans and spec is not None:
+            opset = json.loads((onnx_dir / "manifest.json").read_text())["export"]["opset"]
+            pruned_onnx[name] = export_pruned_unet(pruned, spec, Path(a.pruned_onnx_root) / _slug(name), opset)
+        tp = TorchComponents(te, pruned, vae)
+        times["torch"][f"unet:{name}"] = stats(time_calls(tp.fn("unet", inputs["unet"]), a.unet_repeats, a.warmup))
+        log(f"torch unet {name}: {fmt_s(times['torch'][f'unet:{name}']['median_s'])}")
+        del pruned, tp
+        gc.collect()
+    del unet, vae, te, tc
+    gc.collect()
+    # -- ONNX Runtime ------------------------------------------------------------------------------
+    ort_load = {}
+    if not a.no_ort:
+        paths = {c: onnx_dir / c / "model.onnx" for c in ("text_encoder", "unet", "vae_decoder")}
+        for c, p in paths.items():
+            oc = OrtComponents({c: p}, a.threads)
+            ort_load[c] = oc.load_s[c]
+            times["onnxruntime"][c] = stats(time_calls(oc.fn(c, inputs[c]), rep(c), warm(c)))
+            log(f"onnxruntime {c}: {fmt_s(times['onnxruntime'][c]['median_s'])} (load {oc.load_s[c]:.0f} s)")
+            del oc
+            gc.collect()
+        for name, p in pruned_onnx.items():
+            oc = OrtComponents({"unet": p}, a.threads)
+            ort_load[f"unet:{name}"] = oc.load_s["unet"]
+            times["onnxruntime"][f"unet:{name}"] = stats(time_calls(oc.fn("unet", inputs["unet"]), a.unet_repeats,
+                                                                    a.warmup))
+            log(f"onnxruntime unet {name}: {fmt_s(times['onnxruntime'][f'unet:{name}']['median_s'])}")
+            del oc
+            gc.collect()
+    after = machine(a.threads)
+    after["load_average_before"] = before["load_average"]
+    result = {"threads": a.threads, "repeats": {"text_encoder": a.te_repeats, "unet": a.unet_repeats,
+                                                "vae_decoder": a.vae_repeats, "warmup": a.warmup},
+              "matmul_peak": peak, "plans": plans, "plans_source": plans_source, "flops": flops, "times": times,
+              "ort_load_s": ort_load, "onnx": str(onnx_dir), "pruned_onnx": {k: str(v) for k, v in pruned_onnx.items()},
+              "machine": after, "wall_s": time.time() - t_start,
+              "command": "python benchmarks/e2e_sd21.py " + " ".join(sys.argv[1:]), "paper": PAPER}
+    result["totals"] = totals(result)
+    md = markdown(result)
+    j, m = write_results(a.stem, result, md)
+    print(md)
+    log(f"wrote {j} and {m}")
+
+
+def totals(r: dict) -> dict:
+    """Per runtime: SD (25 x unpruned) and each plan (8 x pruned) totals, and the speedups."""
+    out = {}
+    for rt, t in r["times"].items():
+        if not all(c in t for c in ("text_encoder", "unet", "vae_decoder")):
+            continue
+        fixed = t["text_encoder"]["median_s"] + t["vae_decoder"]["median_s"]
+        sd = fixed + SD_STEPS * t["unet"]["median_s"]
+        row = {"SD v2.1-base, 25 steps": sd}
+        for name in r["plans"]:
+            if f"unet:{name}" in t:
+                row[f"{name}, 8 steps"] = fixed + OUR_STEPS * t[f"unet:{name}"]["median_s"]
+        out[rt] = {"total_s": row, "speedup": {k: sd / v for k, v in row.items()}}
+    return out
+
+
+def markdown(r: dict) -> str:
+    from slimsd.loadtest.machine import describe
+
+    fl, t, peak = r["flops"], r["times"], r["matmul_peak"]
+    busy = r["machine"]["load_average_before"][0] > 0.75 * (r["machine"]["logical_cores"] or 1)
+    L = ["# End to end at 512x512, SD v2.1-base architecture: 25 steps vs the 466M pruned U-Net at 8 steps", "",
+         "Random weights (`sd21-base-arch`): speed only. One image with classifier-free guidance. **Bounded**: each "
+         "component is timed on its own for a few calls "
+         f"(text encoder {r['repeats']['text_encoder']} after 1 warm-up, U-Net step {r['repeats']['unet']}, "
+         f"VAE decode {r['repeats']['vae_decoder']}; {r['repeats']['warmup']} untimed warm-up calls for U-Net/VAE) and "
+         "the total is **computed**: text encoder + steps x one U-Net step + VAE decode (scheduler maths between steps "
+         "not included: a few ms per step).", "",
+         f"Machine: {describe(r['machine'])} (load average before: "
+         f"{' / '.join(str(x) for x in r['machine']['load_average_before'])}).", "",
+         f"Command: `{r['command']}` ({r['wall_s'] / 60:.0f} min wall).", ""]
+    if busy:
+        L += [f"**Contention**: the load average was above the machine's {r['machine']['logical_cores']} cores while "
+              "this ran (other people's training / benchmark jobs), so every time here is inflated by an unknown, "
+              "varying factor and the repeats are minimal. Ratios measured in the same run are the useful part; "
+              "absolute times are upper bounds.", ""]
+    L += [f"Pruning plans: {r['plans_source']}.", ""]
+    for name, removed in r["plans"].items():
+        L.append(f"* **{name}** ({fl['params'][f'unet:{name}']:,} U-Net params, {len(removed)} blocks removed): "
+                 f"{', '.join(removed)}")
+    L += ["", "## Totals (one 512x512 image)", "",
+          "| runtime | model | U-Net params | steps | total | speedup vs SD 25 steps (same runtime) |",
+          "|---|---|---:|---:|---:|---:|"]
+    for rt, x in r["totals"].items():
+        for k, v in x["total_s"].items():
+            plan = k.rsplit(", ", 1)[0]
+            params = fl["params"]["unet"] if plan.startswith("SD") else fl["params"][f"unet:{plan}"]
+            steps = SD_STEPS if plan.startswith("SD") else OUR_STEPS
+            L.append(f"| {rt} | {plan} | {params / 1e6:.0f}M | {steps} | {fmt_s(v)} | **{x['speedup'][k]:.2f}x** |")
+    if "torch" in r["totals"] and "onnxruntime" in r["totals"]:
+        sd_torch = r["totals"]["torch"]["total_s"]["SD v2.1-base, 25 steps"]
+        for k, v in r["totals"]["onnxruntime"]["total_s"].items():
+            if not k.startswith("SD"):
+                L.append(f"| onnxruntime vs SD torch eager | {k.rsplit(', ', 1)[0]} | | 8 | {fmt_s(v)} | "
+                         f"**{sd_torch / v:.2f}x** |")
+    L += ["", "Paper (A6000 GPU, fp16, real weights): " + "; ".join(
+        f"{k}: {a:.2f} s -> {b:.2f} s = {a / b:.2f}x" for k, (a, b) in r["paper"].items()) +
+        "; the paper states **3.0x**.", "",
+        "## Per component", "",
+        f"Measured fp32 matmul rate ({peak['n']}x{peak['n']}, torch, {peak['threads']} thread(s)): "
+        f"**{peak['gflops']:.1f} GFLOP/s** (best of 20; median {peak['median_gflops']:.1f}). FLOPs counted with "
+        "`FlopCounterMode` on the meta device (matmul / conv / attention, 1 MAC = 2 FLOPs).", "",
+        "| component | params | GFLOP | torch eager | ORT | torch GFLOP/s (% of matmul) | ORT GFLOP/s (%) |",
+        "|---|---:|---:|---:|---:|---:|---:|"]
+    names = ["text_encoder", "unet"] + [f"unet:{n}" for n in r["plans"]] + ["vae_decoder"]
+    for c in names:
+        f = fl[c]
+        cells = []
+        for rt in ("torch", "onnxruntime"):
+            x = t.get(rt, {}).get(c)
+            cells.append((fmt_s(x["median_s"]), f"{f / x['median_s'] / 1e9:.1f} ({100 * f / x['median_s'] / 1e9 / peak['gflops']:.0f}%)")
+                         if x else ("not run", ""))
+        label = {"text_encoder": "text encoder (batch 2)", "unet": "U-Net step, SD (batch 2)",
+                 "vae_decoder": "VAE decode (batch 1)"}.get(c, f"U-Net step, {c[5:]} (batch 2)")
+        L.append(f"| {label} | {fl['params'][c] / 1e6:.0f}M | {f / 1e9:,.0f} | {cells[0][0]} | {cells[1][0]} | "
+                 f"{cells[0][1]} | {cells[1][1]} |")
+    if r.get("ort_load_s"):
+        L += ["", "ONNX Runtime session load (s): " + ", ".join(f"{k} {v:.0f}" for k, v in r["ort_load_s"].items()) + "."]
+    L += ["", "Every call's time is in the JSON next to this file (`times.<runtime>.<component>.all_s`)."]
+    return "\n".join(L) + "\n"
+
+
+if __name__ == "__main__":
+    main()
