@@ -602,6 +602,16 @@ def train(cfg: TrainConfig, callback=None) -> Path:
 
     ``callback(step, accelerator)`` is called after every optimisation step (tests use it to
     interrupt a run)."""
+    threads = torch.get_num_threads()
+    try:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        return _train(cfg, callback)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig, callback=None) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
@@ -610,8 +620,6 @@ def train(cfg: TrainConfig, callback=None) -> Path:
     from slimsd.models import load_pipeline, resolve_model
 
     cfg = resolve_config(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     student_dir, teacher_dir = resolve_model(cfg.student), resolve_model(cfg.teacher)
     out, work = Path(cfg.out), Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
