@@ -81,7 +81,7 @@ def main() -> None:
         k: v["removed_blocks"] for k, v in plans.items()}
     models = {}
     for name, removed in variants.items():
-        models[name] = unet if not removed else PrunedUNet2DConditionModel.from_unet(unet, removed).eval().to(dtype)
+        models[name] = unet if not removed else PrunedUNet2DConditionModel.from_unet(unet, removed, share_weights=True).eval()
     times = {k: [] for k in models}
     for name, m in models.items():  # warm-up
         time_unet(m, x, 1)

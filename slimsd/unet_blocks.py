@@ -235,14 +235,27 @@ class PrunedUNet2DConditionModel(UNet2DConditionModel):
                     _set_module(self, path, ident)
 
     @classmethod
-    def from_unet(cls, unet: UNet2DConditionModel, removed_blocks) -> "PrunedUNet2DConditionModel":
-        """A pruned copy of ``unet``: same config, kept weights copied, removed ones dropped."""
+    def from_unet(cls, unet: UNet2DConditionModel, removed_blocks, share_weights: bool = False) -> "PrunedUNet2DConditionModel":
+        """A pruned copy of ``unet``: same config, kept weights copied, removed ones dropped.
+
+        Built on the meta device, so no random initialisation (seconds on SD-sized U-Nets).
+        ``share_weights=True`` reuses ``unet``'s tensors instead of copying them (no extra
+        memory: benchmarks keep several prunings of one 3.5 GB U-Net side by side); the two
+        models then change together if either is trained.
+        """
+        from accelerate import init_empty_weights
+
         cfg = {k: v for k, v in unet.config.items() if not k.startswith("_") and k != "removed_blocks"}
         previously = list(getattr(unet.config, "removed_blocks", None) or [])
-        pruned = cls(**cfg, removed_blocks=previously + [n for n in removed_blocks if n not in previously])
-        missing, unexpected = pruned.load_state_dict(unet.state_dict(), strict=False)
+        with init_empty_weights():
+            pruned = cls(**cfg, removed_blocks=previously + [n for n in removed_blocks if n not in previously])
+        state = unet.state_dict()
+        wanted = pruned.state_dict().keys()
+        missing = [k for k in wanted if k not in state]
         if missing:
             raise RuntimeError(f"pruned U-Net has weights the source lacks: {missing[:5]}")
+        state = {k: (v if share_weights else v.clone()) for k, v in state.items() if k in wanted}
+        pruned.load_state_dict(state, strict=True, assign=True)
         return pruned.to(unet.dtype)
 
 

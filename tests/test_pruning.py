@@ -150,3 +150,12 @@ def test_sensitivity_resumes_to_the_same_report(tmp_path, monkeypatch):
     assert key(resumed) == key(full)
     assert resumed["unpruned"] == full["unpruned"]
     assert (tmp_path / "b" / "sensitivity.png").stat().st_size > 0
+
+
+def test_from_unet_copies_by_default_and_shares_on_request(teacher_unet):
+    copy = PrunedUNet2DConditionModel.from_unet(teacher_unet, ["mid.res.0"])
+    shared = PrunedUNet2DConditionModel.from_unet(teacher_unet, ["mid.res.0"], share_weights=True)
+    src = teacher_unet.conv_in.weight
+    assert shared.conv_in.weight.data_ptr() == src.data_ptr()
+    assert copy.conv_in.weight.data_ptr() != src.data_ptr() and torch.equal(copy.conv_in.weight, src)
+    assert not any(p.is_meta for p in copy.parameters())
