@@ -52,6 +52,11 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
 
+def _rel(p) -> str:
+    p = Path(p).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+
+
 def meta_unet_params(preset: str = "sd21-base-arch") -> tuple[dict, int, object]:
     from slimsd.models import build_components
     from slimsd.unet_blocks import list_blocks
@@ -80,7 +85,8 @@ def pruning_plans(plans_json: Path, report: Path | None, preset: str = "sd21-bas
                                 for b in report["blocks"]]
             p = plan_pruning(report, "sensitivity", target_params=int(TARGET), params=params, total_params=total)
             return {"466M sensitivity": p["removed_blocks"]}, \
-                f"FALLBACK: `prune_latency.json` missing; the paper's policy on `{rep}` (parameters only)"
+                f"FALLBACK: `prune_latency.json` missing; the paper's policy on `{_rel(rep)}` (parameters only; " \
+                "removability from the SD U-Net)"
     from slimsd.compress.prune import PRESETS
 
     removed = list(PRESETS["bk-small"])
