@@ -69,7 +69,7 @@ def main() -> None:
     unet = build_components("sd21-base-arch")[0].eval().to(dtype)
     x = unet_inputs(unet, batch=2, latent_size=a.latent_size)
     report = json.loads(Path(a.report).read_text())
-    params = {b.name: b.params for b in list_blocks(unet)}
+    params = {b.name: b.params for b in list_blocks(unet) if b.removable}  # the target's removable blocks
     total = count_params(unet)
     print("measuring per-block latency of the unpruned U-Net ...", flush=True)
     lat = block_latency(unet, batch=2, latent_size=a.latent_size, repeats=2)

@@ -69,6 +69,10 @@ def plan_pruning(report: dict, policy: str = "sensitivity", keep_params: float |
     if not rows:
         raise ValueError("the sensitivity report has no scored removable blocks")
     params = params or {r["name"]: r["params"] for r in report["blocks"]}
+    # a report from a proxy model (tiny-sd for sd21) may score blocks the target cannot lose
+    # (e.g. down.2.res.0 changes width 640 -> 1280 on SD v2.1 but not on tiny-sd): only blocks
+    # in ``params`` (the target's removable blocks, see unet_block_costs) are candidates
+    rows = [r for r in rows if r["name"] in params]
     latency_ms = latency_ms or {r["name"]: r.get("latency_ms") or 0.0 for r in report["blocks"]}
     total_params = total_params or report["unet_params"]
     total_latency_ms = total_latency_ms or report.get("unet_latency_ms")
@@ -84,10 +88,12 @@ def plan_pruning(report: dict, policy: str = "sensitivity", keep_params: float |
     def key(r):
         d = damage(r, report["unpruned"])
         if policy == "sensitivity":
-            return d
+            return (d,)
+        # ties (often many blocks with no measurable damage) go to the block that saves more
         if policy == "sensitivity-per-param":
-            return d / max(params[r["name"]], 1)
-        return d / max(latency_ms.get(r["name"], 0.0), eps)
+            return (d / max(params[r["name"]], 1), -params[r["name"]])
+        ms = latency_ms.get(r["name"], 0.0)
+        return (d / max(ms, eps), -ms)
 
     # blocks whose removal *improves* quality (damage < 0) sort first in every policy
     order = sorted(rows, key=key)
@@ -162,7 +168,7 @@ def prune_pipeline(model: str, removed_blocks: list[str], out: str | Path, plan:
 
 
 def unet_block_costs(model: str, latency: bool, latent_size: int | None = None, batch: int = 2):
-    """(params, latency_ms, total_params, total_ms) of the *target* model's blocks."""
+    """(params, latency_ms, total_params, total_ms) of the *target* model's removable blocks."""
     from slimsd.compress.profile import block_latency
     from slimsd.models import build_components, load_pipeline
 
@@ -172,7 +178,7 @@ def unet_block_costs(model: str, latency: bool, latent_size: int | None = None, 
         unet = build_components("sd21-base-arch")[0].eval()
     else:
         unet = load_pipeline(model).unet
-    params = {b.name: b.params for b in list_blocks(unet)}
+    params = {b.name: b.params for b in list_blocks(unet) if b.removable}
     total = sum(p.numel() for p in unet.parameters())
     lat = block_latency(unet, batch=batch, latent_size=latent_size) if latency else None
     return params, (lat or {}), total, (lat or {}).get("total")

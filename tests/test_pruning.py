@@ -159,3 +159,17 @@ def test_from_unet_copies_by_default_and_shares_on_request(teacher_unet):
     assert shared.conv_in.weight.data_ptr() == src.data_ptr()
     assert copy.conv_in.weight.data_ptr() != src.data_ptr() and torch.equal(copy.conv_in.weight, src)
     assert not any(p.is_meta for p in copy.parameters())
+
+
+def test_plan_from_a_proxy_report_only_takes_blocks_the_target_can_lose():
+    rows = [dict(name="a", params=100, latency_ms=1.0, fd=10.0, alignment=0.9),
+            dict(name="b", params=400, latency_ms=3.0, fd=10.5, alignment=0.9)]
+    # on the target, "a" changes width (not removable): unet_block_costs leaves it out of params
+    p = plan_pruning(_report(rows), "sensitivity", target_params=600, params={"b": 400}, total_params=1000)
+    assert p["removed_blocks"] == ["b"] and p["met"]
+
+
+def test_latency_policy_breaks_ties_by_milliseconds_saved():
+    rows = [dict(name="fast", params=300, latency_ms=1.0, fd=10.0, alignment=0.9),   # no damage, saves 1 ms
+            dict(name="slow", params=300, latency_ms=9.0, fd=10.0, alignment=0.9)]   # no damage, saves 9 ms
+    assert plan_pruning(_report(rows), "sensitivity-per-ms", target_params=700)["removed_blocks"] == ["slow"]
