@@ -124,7 +124,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="default benchmarks/results/table1.md (table1-quick.md with --quick)")
     ap.add_argument("--stage1-steps", type=int, default=600)
     ap.add_argument("--stage2-steps", type=int, default=400)
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fastest for tiny-sd on a busy 2-core "
+                    "machine, see docs/training.md; 0: torch's default)")
     ap.add_argument("--lr", type=float, default=None, help="default: configs/tiny-sd-slim.json's stage-1 lr")
     ap.add_argument("--num-latents", type=int, default=20_000)
     ap.add_argument("--eval-prompts", type=int, default=256)
@@ -139,6 +141,8 @@ def main(argv=None) -> int:
     from slimsd.compress.train import TrainConfig
 
     t_start = time.time()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     s = settings(a)
     work = Path(a.work or ("runs/table1-quick" if a.quick else "runs/table1"))
     out_md = Path(a.out or RESULTS / ("table1-quick.md" if a.quick else "table1.md"))
@@ -151,7 +155,7 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[table1 {time.time() - t_start:7.0f}s] {msg}", file=sys.stderr, flush=True)
 
-    common = dict(batch_size=s["batch"], num_latents=s["num_latents"], learning_rate=lr, report_to="none",
+    common = dict(batch_size=s["batch"], num_latents=s["num_latents"], learning_rate=lr, report_to="none", threads=a.threads,
                   resume_from_checkpoint="latest", final_eval_prompts=0, checkpointing_steps=max(1, s["stage1_steps"] // 4))
     recovery_every = max(1, s["stage1_steps"] // 4)
 
@@ -230,6 +234,22 @@ def main(argv=None) -> int:
     for name, steps, r in results:
         lines.append(f"| {name} | {steps} | {r['params_total'] / 1e6:.2f}M | {r['params_unet'] / 1e6:.2f}M | "
                      f"{r['fd']:.1f} | {r['alignment']:.3f} | {r['s_per_image']:.3f} |")
+    by = {tag: r for (name, steps, folder, tag), (_, _, r) in zip(rows, results)}
+
+    def cmp(a_, b_, what):
+        ra, rb = by[a_], by[b_]
+        better_fd, better_al = ra["fd"] < rb["fd"], ra["alignment"] > rb["alignment"]
+        verdict = "yes" if better_fd and better_al else ("no" if not better_fd and not better_al else "mixed")
+        return (f"| {what} | {verdict} | FD {ra['fd']:.1f} vs {rb['fd']:.1f}, "
+                f"alignment {ra['alignment']:.3f} vs {rb['alignment']:.3f} |")
+
+    lines += ["", "## The paper's claims, checked", "", "| claim | holds? | numbers |", "|---|---|---|",
+              cmp("teacher25", "teacher8", "teacher at 25 steps is clearly better than at 8"),
+              cmp("ours_s2_8", "bk25", "ours at 8 steps beats BK-SDM-style at 25"),
+              cmp("ours_s2_8", "teacher25", "ours at 8 steps matches the teacher at 25 (yes = better on both)"),
+              cmp("ours_s1_25", "ablation25", "L_CfgKD helps stage 1 (same budget)"),
+              cmp("ours_s2_4", "teacher4", "a 4-step student beats the teacher at 4 steps"),
+              cmp("ours_s2_2", "teacher2", "a 2-step student beats the teacher at 2 steps")]
     lines += ["", "## Recovery during stage 1 (FD / alignment, 25 steps, "
               f"{min(64, s['eval_prompts'])} prompts)", ""]
     heads = None
