@@ -480,11 +480,12 @@ class TrainState:
 
     def __init__(self, config: dict):
         self.step, self.log, self.evals, self.train_s, self.config = 0, [], [], 0.0, config
+        self.compute_s = 0.0  # seconds spent in optimisation steps (no evaluation / checkpoint time), all runs
         self.window = torch.zeros(2, len(LOG_KEYS), dtype=torch.float64)  # (sum, count) per key since the last log row
 
     def state_dict(self) -> dict:
         return {"step": self.step, "log": self.log, "evals": self.evals, "train_s": self.train_s, "config": self.config,
-                "window": self.window.clone()}
+                "window": self.window.clone(), "compute_s": self.compute_s}
 
     def load_state_dict(self, d: dict) -> None:
         changed = {k: (d["config"].get(k), self.config.get(k)) for k in _RESUME_KEYS if d["config"].get(k) != self.config.get(k)}
@@ -493,6 +494,7 @@ class TrainState:
                              "(use a new --out / --work-dir, or the checkpoint's settings)")
         self.step, self.log, self.evals, self.train_s = d["step"], d["log"], d["evals"], d["train_s"]
         self.window = d["window"].clone()
+        self.compute_s = d.get("compute_s", 0.0)
 
 
 def list_checkpoints(work: Path) -> list[Path]:
@@ -721,7 +723,6 @@ def _train(cfg: TrainConfig, callback=None) -> Path:
     # --- loop -----------------------------------------------------------------------------------
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc=f"stage {cfg.stage}", dynamic_ncols=True, disable=not main)
     t_start = time.time() - state.train_s
-    compute_s, steps_here = 0.0, 0
     while state.step < cfg.max_steps:
         t0 = time.time()
         for micro in range(cfg.gradient_accumulation_steps):
@@ -746,8 +747,7 @@ def _train(cfg: TrainConfig, callback=None) -> Path:
         if ema is not None:
             ema.step(accelerator.unwrap_model(unet).parameters())
         state.step += 1
-        steps_here += 1
-        compute_s += time.time() - t0
+        state.compute_s += time.time() - t0
         bar.update(1)
         if state.step % cfg.logging_steps == 0 or state.step == cfg.max_steps:
             tot = accelerator.reduce(state.window.to(dev), reduction="sum").cpu()  # (2, K): same shape on every process
@@ -780,7 +780,7 @@ def _train(cfg: TrainConfig, callback=None) -> Path:
         if ema is not None:
             ema.copy_to(final.parameters())
         write_output(final, parts, cfg, state, student_dir, teacher_dir, student_params, teacher_params,
-                     compute_s, steps_here, accelerator.num_processes)
+                     accelerator.num_processes)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     for h in (feats or ()):
@@ -790,8 +790,7 @@ def _train(cfg: TrainConfig, callback=None) -> Path:
 
 
 def write_output(unet, parts, cfg: TrainConfig, state: TrainState, student_dir: Path, teacher_dir: Path,
-                 student_params: int, teacher_params: int, compute_s: float, steps_here: int,
-                 num_processes: int) -> Path:
+                 student_params: int, teacher_params: int, num_processes: int) -> Path:
     """Pipeline folder written to ``OUT.tmp`` and renamed: OUT is complete or absent."""
     from slimsd.manifest import write_manifest
     from slimsd.models import make_pipeline
@@ -824,7 +823,7 @@ def write_output(unet, parts, cfg: TrainConfig, state: TrainState, student_dir: 
         "student": str(cfg.student), "teacher": str(cfg.teacher),
         "student_params_before": student_params, "teacher_unet_params": teacher_params,
         "wall_time_s": round(state.train_s, 1),
-        "s_per_step": round(compute_s / steps_here, 3) if steps_here else None,  # training steps of the last process run
+        "s_per_step": round(state.compute_s / state.step, 3) if state.step else None,  # over all (resumed) runs
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "processes": num_processes, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "torch": torch.__version__,
