@@ -86,7 +86,7 @@ def test_student_grid_is_the_ddim_sampling_grid():
 def test_killed_and_resumed_run_equals_uninterrupted_run(student, tmp_path):
     kw = dict(stage=1, student=str(student), teacher="tiny-sd", max_steps=3, checkpointing_steps=2,
               checkpoints_total_limit=1, use_ema=True, lr_scheduler="cosine", lr_warmup_steps=1, learning_rate=1e-3,
-              cfg_prob=0.5, **FAST)
+              cfg_prob=0.5, gradient_accumulation_steps=2, **FAST)
     full = train(TrainConfig(out=str(tmp_path / "full"), **kw))
 
     class Killed(Exception):
@@ -174,3 +174,13 @@ stage2: {{max_steps: 1, num_latents: 32, batch_size: 2, student_steps: 4, report
     r = build(load_build_config(cfg), config_path=str(cfg))
     assert [s["status"] for s in r["stages"]] == ["skipped"] * 5
     assert time.time() - t0 < 10
+
+
+def test_tiny_sd_slim_preset_names_its_build_command():
+    from slimsd.models import TINY_SD_SLIM_DIR, resolve_model
+
+    if (TINY_SD_SLIM_DIR / "model_index.json").is_file():
+        assert resolve_model("tiny-sd-slim") == TINY_SD_SLIM_DIR
+    else:
+        with pytest.raises(FileNotFoundError, match="compress build configs/tiny-sd-slim.json"):
+            resolve_model("tiny-sd-slim")
