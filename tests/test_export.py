@@ -637,3 +637,16 @@ def test_cli_export_triton(onnx_fp32, tmp_path, capsys):
     assert set(r["models"]) == {*COMPONENTS, "pipeline"}
     assert "kind: KIND_CPU" in (tmp_path / "repo" / "unet" / "config.pbtxt").read_text()
     assert (tmp_path / "repo" / "unet" / "1" / "model.onnx").stat().st_nlink == 1  # copied, not linked
+
+
+def test_committed_model_repository_is_what_export_triton_writes(onnx_fp32, tmp_path):
+    """model_repository/ is committed for users to read; it must not drift from its generator."""
+    from slimsd.export.triton import export_triton
+
+    committed = Path(__file__).resolve().parents[1] / "model_repository"
+    repo = tmp_path / "model_repository"
+    export_triton(onnx_fp32, repo, log=lambda m: None)  # same architecture and specs as tiny-sd
+    for name in (*COMPONENTS, "pipeline"):
+        assert (committed / name / "config.pbtxt").read_text() == (repo / name / "config.pbtxt").read_text(), name
+    model_py = Path(__file__).resolve().parents[1] / "export" / "triton_pipeline_model.py"
+    assert (committed / "pipeline" / "1" / "model.py").read_bytes() == model_py.read_bytes()
