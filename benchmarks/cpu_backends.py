@@ -91,15 +91,9 @@ def loadavg() -> list[float]:
 # -- runners of each runtime -----------------------------------------------------------------------
 def torch_runners(folder: Path, dtype: str, threads: int | None):
     """serve's TorchRunners; bf16 = modules and float inputs in bfloat16 (timestep stays float32)."""
-    import torch
-
     from slimsd.serve.runners_torch import TorchRunners
 
-    r = TorchRunners(folder, device="cpu", dtype="float32", threads=threads)
-    if dtype == "bf16":
-        r.dtype = torch.bfloat16
-        r.modules = {k: m.to(torch.bfloat16) for k, m in r.modules.items()}
-    return r
+    return TorchRunners(folder, device="cpu", dtype="bfloat16" if dtype == "bf16" else "float32", threads=threads)
 
 
 def make_runners(runtime: str, onnx_dir: Path, folder: Path, threads: int | None, ov_cache=False):
@@ -307,7 +301,7 @@ def _component_runner(rt: str, comp: str, onnx_dir: Path, folder: Path, threads:
 
 
 # -- accuracy ------------------------------------------------------------------------------------------
-def accuracy(model: str, num_prompts: int, threads: int | None, batch: int = 16) -> dict:
+def accuracy(model: str, num_prompts: int, threads: int | None, batch: int = 16, only=None) -> dict:
     from PIL import Image
 
     from slimsd.evaluator import evaluate
@@ -330,7 +324,10 @@ def accuracy(model: str, num_prompts: int, threads: int | None, batch: int = 16)
         return fn
 
     scores = {}
-    for rt, seed in (("onnxruntime-fp32", 0), ("openvino-f32", 0), ("openvino-bf16", 0), ("onnxruntime-fp32", 1)):
+    runs = [("onnxruntime-fp32", 0), ("openvino-f32", 0), ("openvino-bf16", 0), ("torch-bf16", 0), ("onnxruntime-fp32", 1)]
+    if only:
+        runs = [r for r in runs if r[0] in only or r == ("onnxruntime-fp32", 0)]
+    for rt, seed in runs:
         t0 = time.perf_counter()
         r = evaluate(model, steps=25, guidance=7.5, num_prompts=num_prompts, seed=seed, generate_fn=fn_for(rt))
         key = f"{rt} (eval seed {seed})"
@@ -340,7 +337,7 @@ def accuracy(model: str, num_prompts: int, threads: int | None, batch: int = 16)
     seeds0 = tuple(0 * 100_003 + i for i in range(num_prompts))
     ref = cache[("onnxruntime-fp32", seeds0)].astype(np.int16)
     pixels = {}
-    for rt in ("openvino-f32", "openvino-bf16"):
+    for rt in [r for r, seed in runs if seed == 0 and r != "onnxruntime-fp32"]:
         d = np.abs(cache[(rt, seeds0)].astype(np.int16) - ref)
         pixels[rt] = {"max": int(d.max()), "mean": round(float(d.mean()), 3),
                       "p99": float(np.percentile(d, 99)), "share_changed": round(float((d > 0).mean()), 4)}
@@ -433,9 +430,16 @@ def main(argv=None) -> int:
             "command": None, "date": None, "machine": machine(), "threads": a.threads, "end_to_end": [],
             "startup": {}, "loadavg_before": [], "loadavg_after": [], "wall_s": 0}
         before = loadavg()
-        res["accuracy"] = accuracy("tiny-sd", a.accuracy or 128, a.threads)
-        res["accuracy"].update(command=command, date=time.strftime("%Y-%m-%d %H:%M"), loadavg_before=before,
-                               loadavg_after=loadavg(), wall_s=round(time.time() - t0))
+        only = set(a.runtimes.split(",")) if a.runtimes else None
+        new = accuracy("tiny-sd", a.accuracy or 128, a.threads, only=only)
+        new.update(command=command, date=time.strftime("%Y-%m-%d %H:%M"), loadavg_before=before,
+                   loadavg_after=loadavg(), wall_s=round(time.time() - t0))
+        old = res.get("accuracy") or {}
+        if only and old.get("num_prompts") == new["num_prompts"]:  # add rows to the earlier run's table
+            for k in ("pixels_vs_onnxruntime_fp32", "scores"):
+                new[k] = {**old.get(k, {}), **new[k]}
+            new["command"] = f"{old.get('command')}; then {command}"
+        res["accuracy"] = new
         return _write(res, a.out)
     runtimes = a.runtimes.split(",") if a.runtimes else available_runtimes()
     res = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "threads": a.threads,

@@ -129,7 +129,7 @@ def models(request: Request):
     pipe = _engine(request).pipeline
     if pipe is None:
         _engine(request).check_open()
-    return ModelList(data=[ModelCard(id=pipe.name, backend=pipe.backend, image_size=list(pipe.image_size),
+    return ModelList(data=[ModelCard(id=pipe.name, backend=pipe.backend, precision=pipe.precision, image_size=list(pipe.image_size),
                                      default_steps=pipe.defaults.steps, default_guidance=pipe.defaults.guidance)])
 
 

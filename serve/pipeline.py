@@ -56,6 +56,7 @@ class Pipeline:
     spec: ComponentSpec  # the U-Net's: which image sizes the backend accepts
     defaults: GenerationDefaults
     default_scheduler: str = "ddim"
+    precision: str = "f32"  # f32 | bf16 | fp16: what the runners compute in (for /v1/models and logs)
     _schedulers: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -112,14 +113,18 @@ def load_pipeline(settings) -> Pipeline:
     name = settings.model_name or model
     dims = ModelDims.from_folder(folder)
     t0 = time.perf_counter()
-    backend = settings.backend
+    backend, precision = settings.backend, settings.precision
     if backend == "auto":
-        backend, why = choose_backend(settings)
-        log.info("backend auto -> %s (%s)", backend, why)
+        choice = choose_backend(settings, unet_param_count(folder))
+        backend, precision = choice.backend, choice.precision
+        log.info("backend auto -> %s, precision %s (%s)", backend, precision, choice.why)
     if backend == "torch":
         from .runners_torch import TorchRunners
 
-        runners = TorchRunners(folder, device=settings.device, dtype=settings.dtype, threads=settings.threads)
+        if precision == "bf16" and settings.device == "cuda":
+            raise ValueError("precision: bf16 is a CPU setting; with --device cuda use --dtype float16")
+        dtype = "bfloat16" if precision == "bf16" else ("float32" if precision == "f32" else settings.dtype)
+        runners = TorchRunners(folder, device=settings.device, dtype=dtype, threads=settings.threads)
         spec = component_specs(dims, dynamic_hw=True)["unet"]  # eager modules take any valid size
     else:
         onnx_dir = Path(settings.onnx_dir) if settings.onnx_dir else ensure_onnx(model, folder, settings.dtype,
@@ -135,7 +140,7 @@ def load_pipeline(settings) -> Pipeline:
 
             if settings.device == "cuda":
                 raise ValueError("backend openvino runs on the CPU; use onnxruntime or tensorrt for --device cuda")
-            runners = OpenVINORunners(onnx_dir, precision=settings.precision, threads=settings.threads,
+            runners = OpenVINORunners(onnx_dir, precision=precision, threads=settings.threads,
                                       cache=settings.openvino_cache)
         elif backend == "tensorrt":
             from .runners_tensorrt import TensorRTRunners
@@ -150,46 +155,97 @@ def load_pipeline(settings) -> Pipeline:
         else:  # pragma: no cover - settings validate the name
             raise ValueError(f"unknown backend {backend!r}")
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    computed = {"bfloat16": "bf16", "float16": "fp16"}.get(str(getattr(runners, "dtype", "")).replace("torch.", ""))
+    computed = computed or getattr(runners, "precision", None) or ("fp16" if settings.dtype == "float16" else "f32")
     pipe = Pipeline(name=name, folder=folder, backend=backend, runners=runners,
                     tokenizer=load_tokenizer(folder / "tokenizer"), scheduler_config=scheduler_config,
                     dims=dims, spec=spec, defaults=generation_defaults(folder),
-                    default_scheduler=settings.scheduler)
+                    default_scheduler=settings.scheduler, precision=computed)
     pipe.scheduler(None)  # an unknown default scheduler fails at start-up, not on the first request
-    log.info("loaded %s (%s) on %s in %.1f s; defaults %d steps, guidance %.1f", name, folder, backend,
+    log.info("loaded %s (%s) on %s %s in %.1f s; defaults %d steps, guidance %.1f", name, folder, backend, computed,
              time.perf_counter() - t0, pipe.defaults.steps, pipe.defaults.guidance)
     return pipe
 
 
-def choose_backend(settings) -> tuple[str, str]:
-    """What ``--backend auto`` runs, and why (measured: docs/serve.md, "OpenVINO").
+# U-Nets below this size run fastest in ONNX Runtime fp32 on a CPU, above it in bf16. Measured
+# on either side (docs/serve.md, "CPU runtimes"): tiny-sd (3.4M) one image 0.274 s in ONNX Runtime
+# vs 0.359 s OpenVINO bf16 (per-call overhead, not matrix math, dominates); SD v2.1 (866M) U-Net
+# batch 2: ONNX Runtime fp32 11.10 s, OpenVINO bf16 6.01 s, torch bf16 5.91 s. Sizes in between
+# were not measured: the line sits well above the largest "small" model we know of.
+SMALL_UNET_PARAMS = 100_000_000
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    backend: str
+    precision: str  # "auto" | "bf16" | "f32": handed to the runner
+    why: str
+
+
+def unet_param_count(folder: Path) -> int | None:
+    """Parameters of ``folder``'s U-Net from its safetensors header (no weights read); None if unknown."""
+    files = sorted((Path(folder) / "unet").glob("*.safetensors"))
+    if not files:
+        return None
+    try:
+        from safetensors import safe_open
+
+        n = 0
+        for f in files:
+            with safe_open(f, framework="np") as sf:
+                for k in sf.keys():
+                    n += int(np.prod(sf.get_slice(k).get_shape()))
+        return n
+    except Exception:  # noqa: BLE001 - an unreadable header: the loader reports it properly
+        return None
+
+
+def choose_backend(settings, unet_params: int | None = None, bf16: str | None | bool = False) -> BackendChoice:
+    """What ``--backend auto`` runs, and why: the measured fastest accurate runtime for this
+    machine and model size (docs/serve.md, "CPU runtimes"; benchmarks/results/cpu_backends*.md).
 
     * a CUDA GPU (``--device cuda``, or ``auto`` with one visible) -> onnxruntime (CUDA provider);
-    * a CPU where OpenVINO would run bf16 (package installed, CPU with BF16, ``--precision``
-      auto or bf16) -> openvino: same speed as ONNX Runtime on tiny-sd, ~4x on SD-size U-Net
-      and VAE, evaluator scores within noise;
-    * any other CPU -> onnxruntime: OpenVINO f32 was not faster than ONNX Runtime fp32.
+    * ``--precision f32`` -> onnxruntime: the fastest fp32 CPU runtime measured at both sizes;
+    * a small U-Net (< ``SMALL_UNET_PARAMS``) with precision auto -> onnxruntime fp32;
+    * an SD-size U-Net on a CPU with AMX and openvino installed -> openvino bf16 (AMX machine:
+      U-Net 1.26 s vs torch bf16 2.0 s, VAE 1.66 s vs 7.4 s);
+    * an SD-size U-Net on a CPU with AVX512-BF16 but no AMX, or without openvino -> torch bf16
+      (this machine: U-Net 5.91 s vs OpenVINO bf16 6.01 s, VAE 6.64 s vs 11.95 s; no ONNX export
+      on start-up); evaluator scores within noise of fp32 for both;
+    * any other CPU -> onnxruntime fp32.
+
+    ``unet_params`` None = unknown size (treated as SD-size); ``bf16`` is :func:`cpu_bf16`'s
+    answer (``False``: look it up).
     """
-    from .runners_openvino import available, resolve_precision
+    from .runners_openvino import available
+    from .runners_torch import cpu_bf16
 
     if settings.device == "cuda":
-        return "onnxruntime", "device cuda"
+        return BackendChoice("onnxruntime", "auto", "device cuda")
     if settings.device == "auto":
         try:
             import torch
 
             if torch.cuda.is_available():
-                return "onnxruntime", "a CUDA GPU is visible"
+                return BackendChoice("onnxruntime", "auto", "a CUDA GPU is visible")
         except Exception:  # noqa: BLE001 - no torch CUDA: a CPU machine
             pass
-    if not available():
-        return "onnxruntime", "CPU, openvino not installed (pip install 'slimsd[openvino]')"
-    try:
-        precision = resolve_precision(settings.precision)
-    except ValueError:  # bf16 asked for on a CPU without it: the openvino runner says so clearly
-        return "openvino", f"precision {settings.precision} asked for"
-    if precision == "bf16":
-        return "openvino", "CPU with BF16: OpenVINO bf16"
-    return "onnxruntime", "CPU without BF16 (or precision f32): OpenVINO f32 is not faster than ONNX Runtime"
+    if settings.precision == "f32":
+        return BackendChoice("onnxruntime", "f32", "precision f32: ONNX Runtime is the fastest fp32 CPU runtime measured")
+    size = f"U-Net {unet_params / 1e6:.1f}M params" if unet_params is not None else "U-Net size unknown"
+    if settings.precision == "auto" and unet_params is not None and unet_params < SMALL_UNET_PARAMS:
+        return BackendChoice("onnxruntime", "f32", f"CPU, {size} (< {SMALL_UNET_PARAMS / 1e6:.0f}M): per-call overhead "
+                             "dominates, ONNX Runtime fp32 measured fastest")
+    kind = cpu_bf16() if bf16 is False else bf16
+    if kind is None:
+        if settings.precision == "bf16":
+            raise ValueError("precision: bf16 needs a CPU with BF16 support (AVX512-BF16 or AMX); this one reports "
+                             "neither. Use precision f32 or auto.")
+        return BackendChoice("onnxruntime", "f32", f"CPU without BF16, {size}: ONNX Runtime fp32")
+    if kind == "amx" and available():
+        return BackendChoice("openvino", "bf16", f"CPU with AMX, {size}: OpenVINO bf16")
+    why = "no AMX" if kind != "amx" else "openvino not installed (pip install 'slimsd[openvino]')"
+    return BackendChoice("torch", "bf16", f"CPU with {kind}, {size}, {why}: torch bf16")
 
 
 def _ensure_engines(onnx_dir: Path, settings) -> Path:

@@ -132,6 +132,7 @@ class ModelCard(BaseModel):
     created: int = 0
     owned_by: str = "slimsd"
     backend: str
+    precision: str = "f32"  # what the backend computes in: f32 | bf16 | fp16
     image_size: list[int]
     default_steps: int
     default_guidance: float

@@ -23,9 +23,10 @@ class ServeSettings(BaseModel):
     model: str | None = Field(None, description="preset, diffusers folder or hub id; None = the compressed "
                                                 "model (tiny-sd-slim) when it resolves, else the teacher tiny-sd")
     model_name: str | None = Field(None, description="id clients see (OpenAI `model`); default: the model argument")
-    backend: Backend = Field("auto", description="auto = onnxruntime on a CUDA GPU; on a CPU openvino bf16 where "
-                                                 "openvino is installed and the CPU has BF16, else onnxruntime "
-                                                 "(measured: docs/serve.md, OpenVINO)")
+    backend: Backend = Field("auto", description="auto = the measured fastest accurate runtime here: onnxruntime on "
+                                                 "a CUDA GPU and for small U-Nets (< 100M params); for SD-size U-Nets "
+                                                 "on a BF16 CPU openvino bf16 with AMX, torch bf16 without AMX (or "
+                                                 "without openvino); else onnxruntime (docs/serve.md, CPU runtimes)")
     scheduler: str = Field("ddim", description="default scheduler: ddim | euler | euler_a | dpm++")
 
     # -- backend details ------------------------------------------------------------------
@@ -37,8 +38,9 @@ class ServeSettings(BaseModel):
                                                    "its CPU provider")
     threads: int | None = Field(None, ge=1, description="intra-op threads of ONNX Runtime / OpenVINO / torch "
                                                        "(default: all)")
-    precision: Literal["auto", "bf16", "f32"] = Field("auto", description="openvino: inference precision; auto = "
-                                                      "bf16 where the CPU supports it, else f32")
+    precision: Literal["auto", "bf16", "f32"] = Field("auto", description="CPU precision of openvino and torch: auto "
+                                                      "= openvino bf16 where the CPU supports it, torch --dtype; with "
+                                                      "backend auto, f32 keeps onnxruntime fp32 and bf16 forces bf16")
     openvino_cache: bool = Field(True, description="openvino: keep compiled models in <onnx dir>/openvino "
                                                    "(faster restarts)")
     engines_dir: Path | None = Field(None, description="tensorrt: folder of <component>.plan; default built into "
