@@ -24,7 +24,7 @@ def _add_train_teacher(sub):
 
     D = asdict(TeacherConfig())
 
-    p = _sub(sub, "train-teacher", help="train the tiny-sd teacher (VAE, then U-Net) on the offline scene dataset")
+    p = _sub(sub, "train-teacher", help=_HELP["train-teacher"])
     p.add_argument("--out", default=D["out"], help="pipeline folder to write (default: the packaged tiny-sd)")
     p.add_argument("--no-evaluate", dest="evaluate", action="store_false", help="skip scoring the result")
     for k in ("seed", "vae_steps", "vae_batch", "unet_steps", "unet_batch", "num_latents", "threads", "eval_prompts"):
@@ -144,7 +144,7 @@ def _cmd_info(a) -> int:
 
 
 def _add_compress(sub):
-    p = _sub(sub, "compress", help="build toolchain: sensitivity analysis, pruning, training, the whole chain")
+    p = _sub(sub, "compress", help=_HELP["compress"])
     csub = p.add_subparsers(dest="compress_command", required=True)
 
     s = _sub(csub, "sensitivity", help="quality with each U-Net block replaced by identity (paper Fig. 1)")
@@ -562,14 +562,29 @@ def _cmd_loadtest_prompts(a) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+# commands whose flags are read off the training stack's config classes (slimsd.compress)
+_HELP = {"train-teacher": "train the tiny-sd teacher (VAE, then U-Net) on the offline scene dataset",
+         "compress": "build toolchain: sensitivity analysis, pruning, training, the whole chain"}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole CLI; with ``command`` (the subcommand about to run) the training commands are
+    stubs unless it is one of them, so ``slimsd serve`` never imports ``slimsd.compress``."""
     p = argparse.ArgumentParser(prog="slimsd", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
+    full = command is None or command in _HELP
+
+    def training(name, add):
+        if full:
+            add(sub)
+        else:  # listed in `slimsd --help`, built for real only when run
+            sub.add_parser(name, help=_HELP[name])
+
     _add_info(sub)
-    _add_train_teacher(sub)
+    training("train-teacher", _add_train_teacher)
     _add_evaluator(sub)
     _add_evaluate(sub)
-    _add_compress(sub)
+    training("compress", _add_compress)
     _add_export(sub)
     _add_serve(sub)
     _add_loadtest(sub)
@@ -577,8 +592,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    a = parser.parse_args(argv)
+    args = sys.argv[1:] if argv is None else list(argv)
+    command = next((x for x in args if not x.startswith("-")), None)
+    parser = build_parser(command)
+    a = parser.parse_args(args)
     try:
         return a.func(a)
     except (FileNotFoundError, ValueError) as e:  # user errors: one line naming what is wrong

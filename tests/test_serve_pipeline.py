@@ -417,3 +417,21 @@ def test_serving_never_imports_the_training_stack():
                 chain.setdefault(m, chain[module] + [m])
                 todo.append(m)
     assert "slimsd.denoise" in seen and "slimsd.export.onnx" in seen  # the walk does follow imports
+
+
+def test_slimsd_serve_command_line_does_not_load_the_training_stack():
+    """`slimsd serve ...` builds only stubs of the training commands: slimsd.compress stays unloaded."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from slimsd.cli import build_parser; "
+            "a = build_parser('serve').parse_args(['serve', 'tiny-sd', '--backend', 'torch']); "
+            "assert a.backend == 'torch'; "
+            "print(sorted(m for m in sys.modules if m.startswith('slimsd.compress')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+    from slimsd.cli import build_parser
+
+    # the full parser (no command named) and the compress command itself still build every flag
+    assert build_parser().parse_args(["compress", "train", "--stage", "1", "--student", "s", "--out", "o"]).stage == 1
+    assert build_parser("compress").parse_args(["compress", "build", "c.json"]).compress_command == "build"
