@@ -7,7 +7,7 @@
 Sections (each row is one runtime; all on CPU, ``--threads`` intra-op threads, default all):
 
 * **end to end** on ``tiny-sd`` (and ``tiny-sd-slim`` when its preset resolves, without
-  ``--quick``): ``slimsd.denoise.generate`` over each runtime's runners, 25 steps, guidance 7.5,
+  ``--quick``): ``slimsd.denoise.generate`` over each runtime's runners, the model's default steps (25; 8 for tiny-sd-slim), guidance 7.5,
   64x64, one image and a batch of four. Repeats are interleaved across runtimes
   (round-robin), so load from other processes hits all of them alike; the median is reported.
 * **start-up** (tiny-sd; sd21 too with ``--sd21-onnx``): per component, ONNX Runtime session
@@ -133,6 +133,9 @@ def end_to_end(model: str, threads: int | None, repeats: int, runtimes: list[str
     dims = ModelDims.from_folder(folder)
     tok, sched = load_tokenizer(folder / "tokenizer"), load_scheduler(folder / "scheduler")
     h, w = dims.image_size
+    from slimsd.defaults import generation_defaults
+
+    steps = generation_defaults(folder).steps  # 25 for the teacher, 8 for the step-distilled student
     runners, load_s = {}, {}
     for rt in runtimes:
         t0 = time.perf_counter()
@@ -140,7 +143,7 @@ def end_to_end(model: str, threads: int | None, repeats: int, runtimes: list[str
         load_s[rt] = time.perf_counter() - t0
 
     def gen(rt, n):
-        return generate(runners[rt], tok, sched, [PROMPT] * n, None, steps=25, guidance=7.5, seeds=list(range(n)),
+        return generate(runners[rt], tok, sched, [PROMPT] * n, None, steps=steps, guidance=7.5, seeds=list(range(n)),
                         height=h, width=w, vae_scaling_factor=dims.vae_scaling_factor,
                         vae_scale_factor=dims.vae_scale_factor, latent_channels=dims.latent_channels)
 
@@ -159,7 +162,7 @@ def end_to_end(model: str, threads: int | None, repeats: int, runtimes: list[str
                  "batch4_s": round(statistics.median(times[rt][4]), 3),
                  "batch4_per_image_s": round(statistics.median(times[rt][4]) / 4, 3),
                  "runs": {str(k): [round(x, 3) for x in v] for k, v in times[rt].items()}} for rt in runtimes}
-    return {"model": model, "image_size": [h, w], "steps": 25, "guidance": 7.5, "repeats": repeats, "rows": rows}
+    return {"model": model, "image_size": [h, w], "steps": steps, "guidance": 7.5, "repeats": repeats, "rows": rows}
 
 
 # -- start-up ------------------------------------------------------------------------------------------
@@ -312,11 +315,21 @@ def accuracy(model: str, num_prompts: int, threads: int | None, batch: int = 16,
     onnx_dir = ensure_onnx(model, folder)
     cache: dict = {}
 
+    from slimsd.denoise import generate, load_scheduler, load_tokenizer
+    from slimsd.specs import ModelDims
+
+    dims = ModelDims.from_folder(folder)
+    tok = load_tokenizer(folder / "tokenizer")
+
     def fn_for(rt):
         runners = make_runners(rt, onnx_dir, folder, threads)
 
         def fn(prompts, seeds):
-            arrays = [runners.generate(prompts[i:i + batch], steps=25, guidance=7.5, seeds=seeds[i:i + batch])
+            # the one loop every runtime shares (serve's Pipeline.generate), DDIM from the model's config
+            arrays = [generate(runners, tok, load_scheduler(folder / "scheduler"), prompts[i:i + batch], None,
+                               steps=25, guidance=7.5, seeds=seeds[i:i + batch], height=dims.image_size[0],
+                               width=dims.image_size[1], vae_scaling_factor=dims.vae_scaling_factor,
+                               vae_scale_factor=dims.vae_scale_factor, latent_channels=dims.latent_channels)
                       for i in range(0, len(prompts), batch)]
             arr = np.concatenate(arrays)
             cache[(rt, tuple(seeds))] = arr
@@ -359,7 +372,7 @@ def markdown(res: dict) -> str:
              f"Load average before / after: {res['loadavg_before']} / {res['loadavg_after']} "
              "(other jobs shared the machine when it is above the core count).", ""]
     for e2e in res["end_to_end"]:
-        lines += [f"## End to end: {e2e['model']} ({e2e['image_size'][0]}x{e2e['image_size'][1]}, 25 steps, "
+        lines += [f"## End to end: {e2e['model']} ({e2e['image_size'][0]}x{e2e['image_size'][1]}, {e2e.get('steps', 25)} steps, "
                   f"guidance 7.5; median of {e2e['repeats']} interleaved repeats)", "",
                   "| runtime | load s (cold) | 1 image s | batch of 4 s | s / image (batch 4) "
                   "| speed vs ONNX Runtime: 1 image / batch 4 |",

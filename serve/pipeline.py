@@ -168,8 +168,8 @@ def load_pipeline(settings) -> Pipeline:
 
 
 # U-Nets below this size run fastest in ONNX Runtime fp32 on a CPU, above it in bf16. Measured
-# on either side (docs/serve.md, "CPU runtimes"): tiny-sd (3.4M) one image 0.274 s in ONNX Runtime
-# vs 0.359 s OpenVINO bf16 (per-call overhead, not matrix math, dominates); SD v2.1 (866M) U-Net
+# on either side (docs/serve.md, "CPU runtimes"): tiny-sd (3.4M) one image 0.347 s in ONNX Runtime
+# vs 0.375 s OpenVINO bf16, 1.07 s torch bf16 (per-call overhead, not matrix math, dominates); SD v2.1 (866M) U-Net
 # batch 2: ONNX Runtime fp32 11.10 s, OpenVINO bf16 6.01 s, torch bf16 5.91 s. Sizes in between
 # were not measured: the line sits well above the largest "small" model we know of.
 SMALL_UNET_PARAMS = 100_000_000

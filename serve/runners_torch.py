@@ -44,7 +44,7 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
-def load_component(folder: Path, sub: str):
+def load_component(folder: Path, sub: str, dtype=None):
     """The module of ``sub`` with the class named in ``model_index.json``.
 
     The class is imported from the library the index names, so pruned U-Nets
@@ -52,9 +52,10 @@ def load_component(folder: Path, sub: str):
     """
     library, cls_name = json.loads((folder / "model_index.json").read_text())[sub]
     cls = getattr(importlib.import_module(library), cls_name)
+    kw = {"dtype": dtype} if dtype is not None else {}  # loaded in dtype: the library keeps what must stay fp32
     if library == "transformers":
-        return cls.from_pretrained(folder / sub)
-    return cls.from_pretrained(folder, subfolder=sub)
+        return cls.from_pretrained(folder / sub, **kw)
+    return cls.from_pretrained(folder, subfolder=sub, **kw)
 
 
 class TorchRunners:
@@ -80,7 +81,7 @@ class TorchRunners:
         self.dtype = getattr(torch, dtype)
         if threads:
             torch.set_num_threads(threads)
-        self.modules = {name: load_component(self.folder, sub).to(self.device, self.dtype).eval()
+        self.modules = {name: load_component(self.folder, sub, self.dtype).to(self.device).eval()
                         for name, sub in _SUB.items()}
 
     def _in(self, a: np.ndarray, dtype=None):

@@ -198,7 +198,7 @@ def test_auto_backend_choice(monkeypatch):
     assert ServeSettings().backend == "auto"
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     monkeypatch.setattr(rov, "available", lambda: True)
-    # small U-Nets: ONNX Runtime fp32 whatever the CPU (tiny-sd: 0.274 s vs OpenVINO bf16 0.359 s)
+    # small U-Nets: ONNX Runtime fp32 whatever the CPU (tiny-sd: 0.347 s vs OpenVINO bf16 0.375 s)
     for bf16 in ("amx", "avx512_bf16", None):
         assert pick(tiny, bf16) == pick(SMALL_UNET_PARAMS - 1, bf16) == ("onnxruntime", "f32")
     # SD-size: bf16 where the CPU has it; OpenVINO with AMX, torch without AMX or without openvino
