@@ -307,6 +307,11 @@ def main(argv=None) -> int:
                      + f" | {train_info(key)['s_per_step']} |")
     lines += ["", "Stage-2 training: " + ", ".join(
         f"{n} steps {train_info(f'ours_s2_{n}')['s_per_step']} s/step" for n in (8, 4, 2)) + "."]
+    walls = {k: train_info(k).get("wall_time_s") for k in ("ours_s1", "ours_s2_8", "ablation_s1", "bk_s1", "ours_s2_4",
+                                                           "ours_s2_2")}
+    lines += ["", "Training wall time per run (minutes, incl. its periodic evaluations; the `--part ours` / "
+              "`--part others` halves run side by side): " + ", ".join(
+                  f"{k} {v / 60:.1f}" for k, v in walls.items() if v) + "."]
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text("\n".join(lines) + "\n")
     (work / "table1.json").write_text(json.dumps({"rows": [(n, st, r) for n, st, r in results], "plan": plan,

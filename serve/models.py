@@ -18,7 +18,7 @@ from pathlib import Path
 log = logging.getLogger("slimsd.serve")
 
 TEACHER = "tiny-sd"
-STUDENT = "tiny-sd-slim"  # the compressed 8-step model, once it is committed
+STUDENT = "tiny-sd-slim"  # the compressed 8-step model (committed preset; the default when it resolves)
 
 
 def default_model() -> str:

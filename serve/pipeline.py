@@ -168,10 +168,11 @@ def load_pipeline(settings) -> Pipeline:
 
 
 # U-Nets below this size run fastest in ONNX Runtime fp32 on a CPU, above it in bf16. Measured
-# on either side (docs/serve.md, "CPU runtimes"): tiny-sd (3.4M) one image 0.347 s in ONNX Runtime
-# vs 0.375 s OpenVINO bf16, 1.07 s torch bf16 (per-call overhead, not matrix math, dominates); SD v2.1 (866M) U-Net
-# batch 2: ONNX Runtime fp32 11.10 s, OpenVINO bf16 6.01 s, torch bf16 5.91 s. Sizes in between
-# were not measured: the line sits well above the largest "small" model we know of.
+# on either side (docs/serve.md, "CPU runtimes", quiet 2-core AVX512-BF16 machine): tiny-sd (3.4M)
+# one image 0.347 s in ONNX Runtime vs 0.375 s OpenVINO bf16, 1.07 s torch bf16 (per-call overhead,
+# not matrix math, dominates); SD v2.1 (866M) U-Net batch 2: ONNX Runtime fp32 9.14 s, OpenVINO
+# bf16 4.16 s, torch bf16 5.76 s. Sizes in between were not measured: the line sits well above
+# the largest "small" model we know of.
 SMALL_UNET_PARAMS = 100_000_000
 
 
@@ -207,11 +208,10 @@ def choose_backend(settings, unet_params: int | None = None, bf16: str | None | 
     * a CUDA GPU (``--device cuda``, or ``auto`` with one visible) -> onnxruntime (CUDA provider);
     * ``--precision f32`` -> onnxruntime: the fastest fp32 CPU runtime measured at both sizes;
     * a small U-Net (< ``SMALL_UNET_PARAMS``) with precision auto -> onnxruntime fp32;
-    * an SD-size U-Net on a CPU with AMX and openvino installed -> openvino bf16 (AMX machine:
-      U-Net 1.26 s vs torch bf16 2.0 s, VAE 1.66 s vs 7.4 s);
-    * an SD-size U-Net on a CPU with AVX512-BF16 but no AMX, or without openvino -> torch bf16
-      (this machine: U-Net 5.91 s vs OpenVINO bf16 6.01 s, VAE 6.64 s vs 11.95 s; no ONNX export
-      on start-up); evaluator scores within noise of fp32 for both;
+    * an SD-size U-Net on a CPU with BF16 (AVX512-BF16 or AMX) -> openvino bf16 (U-Net batch 2
+      4.16 s vs torch bf16 5.76 s vs ONNX Runtime fp32 9.14 s; VAE 6.60 / 7.28 / 13.25 s);
+      without openvino installed -> torch bf16 (no ONNX export needed either); evaluator scores
+      within noise of fp32 for both;
     * any other CPU -> onnxruntime fp32.
 
     ``unet_params`` None = unknown size (treated as SD-size); ``bf16`` is :func:`cpu_bf16`'s
@@ -242,10 +242,10 @@ def choose_backend(settings, unet_params: int | None = None, bf16: str | None | 
             raise ValueError("precision: bf16 needs a CPU with BF16 support (AVX512-BF16 or AMX); this one reports "
                              "neither. Use precision f32 or auto.")
         return BackendChoice("onnxruntime", "f32", f"CPU without BF16, {size}: ONNX Runtime fp32")
-    if kind == "amx" and available():
-        return BackendChoice("openvino", "bf16", f"CPU with AMX, {size}: OpenVINO bf16")
-    why = "no AMX" if kind != "amx" else "openvino not installed (pip install 'slimsd[openvino]')"
-    return BackendChoice("torch", "bf16", f"CPU with {kind}, {size}, {why}: torch bf16")
+    if available():
+        return BackendChoice("openvino", "bf16", f"CPU with {kind}, {size}: OpenVINO bf16")
+    return BackendChoice("torch", "bf16", f"CPU with {kind}, {size}, openvino not installed "
+                         "(pip install 'slimsd[openvino]' for ~1.4x more): torch bf16")
 
 
 def _ensure_engines(onnx_dir: Path, settings) -> Path:

@@ -62,7 +62,7 @@ class TorchRunners:
     """Text encoder, U-Net and VAE of a diffusers pipeline folder, on numpy in and out.
 
     ``dtype`` float32 (the reference), float16 (CUDA) or bfloat16: on a CPU with AVX512-BF16 or
-    AMX it runs oneDNN's bf16 kernels (SD v2.1 U-Net batch 2 here: 5.9 s vs 16.4 s in fp32,
+    AMX it runs oneDNN's bf16 kernels (SD v2.1 U-Net batch 2 here: 5.76 s vs 9.44 s in fp32,
     docs/serve.md "CPU runtimes"); inputs are cast, outputs come back float32, the timestep
     stays float32.
     """

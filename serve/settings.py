@@ -25,8 +25,8 @@ class ServeSettings(BaseModel):
     model_name: str | None = Field(None, description="id clients see (OpenAI `model`); default: the model argument")
     backend: Backend = Field("auto", description="auto = the measured fastest accurate runtime here: onnxruntime on "
                                                  "a CUDA GPU and for small U-Nets (< 100M params); for SD-size U-Nets "
-                                                 "on a BF16 CPU openvino bf16 with AMX, torch bf16 without AMX (or "
-                                                 "without openvino); else onnxruntime (docs/serve.md, CPU runtimes)")
+                                                 "on a BF16 CPU openvino bf16 (torch bf16 without openvino); else "
+                                                 "onnxruntime (docs/serve.md, How auto chooses)")
     scheduler: str = Field("ddim", description="default scheduler: ddim | euler | euler_a | dpm++")
 
     # -- backend details ------------------------------------------------------------------

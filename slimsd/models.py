@@ -9,7 +9,7 @@ tiny-sd         SD v2.1-base block structure at small widths,       everything, 
                 trained by ``slimsd train-teacher``; committed
 tiny-sd-slim    tiny-sd pruned, CFG-aware retrained and step-       serving at 8 steps
                 distilled to 8 steps (``slimsd compress build
-                configs/tiny-sd-slim.json``); committed once built
+                configs/tiny-sd-slim.json``); committed
 sd21-base-arch  exact SD v2.1-base architecture, random weights     speed / size / export only
 <folder>        any diffusers StableDiffusionPipeline folder        real use
 <hub id>        e.g. stabilityai/stable-diffusion-2-1-base          real use (needs the hub cache

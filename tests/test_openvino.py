@@ -201,9 +201,9 @@ def test_auto_backend_choice(monkeypatch):
     # small U-Nets: ONNX Runtime fp32 whatever the CPU (tiny-sd: 0.347 s vs OpenVINO bf16 0.375 s)
     for bf16 in ("amx", "avx512_bf16", None):
         assert pick(tiny, bf16) == pick(SMALL_UNET_PARAMS - 1, bf16) == ("onnxruntime", "f32")
-    # SD-size: bf16 where the CPU has it; OpenVINO with AMX, torch without AMX or without openvino
+    # SD-size: bf16 where the CPU has it, on OpenVINO (torch bf16 when openvino is missing)
     assert pick(sd, "amx") == pick(None, "amx") == ("openvino", "bf16")
-    assert pick(sd, "avx512_bf16") == pick(SMALL_UNET_PARAMS, "avx512_bf16") == ("torch", "bf16")
+    assert pick(sd, "avx512_bf16") == pick(SMALL_UNET_PARAMS, "avx512_bf16") == ("openvino", "bf16")
     assert pick(sd, None) == ("onnxruntime", "f32")
     # the precision setting overrides the size rule
     assert pick(sd, "amx", precision="f32") == ("onnxruntime", "f32")
@@ -211,8 +211,10 @@ def test_auto_backend_choice(monkeypatch):
     with pytest.raises(ValueError, match="^precision: bf16 needs a CPU with BF16"):
         pick(sd, None, precision="bf16")
     monkeypatch.setattr(rov, "available", lambda: False)
-    c = choose_backend(ServeSettings(), sd, bf16="amx")
-    assert (c.backend, c.precision) == ("torch", "bf16") and "pip install 'slimsd[openvino]'" in c.why
+    for bf16 in ("amx", "avx512_bf16"):
+        c = choose_backend(ServeSettings(), sd, bf16=bf16)
+        assert (c.backend, c.precision) == ("torch", "bf16") and "pip install 'slimsd[openvino]'" in c.why
+    assert pick(tiny, "amx") == ("onnxruntime", "f32")
     # a GPU: ONNX Runtime's CUDA provider
     assert pick(sd, "amx", device="cuda")[0] == "onnxruntime"
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
@@ -221,7 +223,7 @@ def test_auto_backend_choice(monkeypatch):
 
 def test_auto_backend_reads_the_unet_size_and_serves(onnx_dir, tmp_path, monkeypatch):
     """End to end on tiny-sd: the safetensors header gives the size; auto loads ONNX Runtime fp32;
-    /v1/models says so. An SD-size count on an AVX512-BF16 CPU would load torch bf16."""
+    /v1/models says so. An SD-size count on a BF16 CPU without openvino loads torch bf16."""
     from slimsd.models import resolve_model
     from slimsd.serve import pipeline as sp
     from slimsd.serve.runners_torch import cpu_bf16
