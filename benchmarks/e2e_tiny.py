@@ -186,6 +186,8 @@ def main() -> None:
         onnx_dir = ensure_onnx(Path(m["model"]).name, folder)
         m["onnx_dir"] = str(onnx_dir)
         # -- components ---------------------------------------------------------------------
+        import slimsd.unet_blocks  # noqa: F401 - lets diffusers load a pruned U-Net's class
+
         dpipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
         dpipe.set_progress_bar_config(disable=True)
         m["unet_params"] = sum(p.numel() for p in dpipe.unet.parameters())

@@ -350,6 +350,8 @@ def tiny_section(res: Results, a, device: str, budget: Budget) -> None:
             sec["e2e"].setdefault("diffusers StableDiffusionPipeline (eager)", {})[role] = {"error": "skipped: time budget"}
             continue
         try:
+            import slimsd.unet_blocks  # noqa: F401 - lets diffusers load a pruned U-Net's class
+
             dp = StableDiffusionPipeline.from_pretrained(resolve_model(model), safety_checker=None,
                                                          requires_safety_checker=False,
                                                          torch_dtype=getattr(torch, dtype)).to(device)

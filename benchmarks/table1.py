@@ -260,7 +260,8 @@ def main(argv=None) -> int:
         "",
         f"Command: `{cmd.strip()}`  ",
         f"Machine: {machine()}  ",
-        f"Wall time: {(time.time() - t_start) / 60:.1f} min (runs reused from `{work}` are not counted again)",
+        f"Wall time of this command: {(time.time() - t_start) / 60:.1f} min (runs and scores reused from `{work}` are not "
+        "counted again: training times per run are at the end)",
         "",
         f"Scores: {s['eval_prompts']} held-out prompts (`slimsd evaluate MODEL --steps S --guidance {GUIDANCE} "
         f"--num-prompts {s['eval_prompts']} --seed 0`), FD lower is better, alignment higher is better. "

@@ -216,7 +216,8 @@ class PrunedUNet2DConditionModel(UNet2DConditionModel):
     Its weight file holds no tensors of removed blocks; ``from_pretrained`` rebuilds the
     same structure from the config and loads it. ``model_index.json`` names it as
     ``["slimsd.unet_blocks", "PrunedUNet2DConditionModel"]`` so diffusers'
-    ``StableDiffusionPipeline.from_pretrained`` loads it once slimsd is installed.
+    ``StableDiffusionPipeline.from_pretrained`` loads it once this module is imported
+    (diffusers does not import modules a folder names).
     """
 
     def __init__(self, *args, removed_blocks=None, **kwargs):
