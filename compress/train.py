@@ -616,7 +616,6 @@ def train(cfg: TrainConfig, callback=None) -> Path:
 def _train(cfg: TrainConfig, callback=None) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
     from slimsd.models import load_pipeline, resolve_model
@@ -670,9 +669,8 @@ def _train(cfg: TrainConfig, callback=None) -> Path:
         lr *= cfg.gradient_accumulation_steps * cfg.batch_size * accelerator.num_processes
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=cfg.max_steps * accelerator.num_processes)
+    lr_scheduler = make_lr_scheduler(optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_steps,
+                                     accelerator.num_processes)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     if ema is not None:
         ema.to(dev)
@@ -842,6 +840,24 @@ def write_output(unet, parts, cfg: TrainConfig, state: TrainState, student_dir: 
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def make_lr_scheduler(optimizer, name: str, warmup_steps: int, max_steps: int, num_processes: int = 1):
+    """diffusers' ``get_scheduler``, except that ``constant`` with warmup steps warms up.
+
+    (``get_scheduler("constant", num_warmup_steps=N)`` silently ignores N, a trap diffusers'
+    own training scripts fall into with their ``--lr_warmup_steps 500`` default.) Steps are
+    counted per process, as accelerate steps the scheduler once per process.
+    """
+    from diffusers.optimization import get_scheduler
+
+    if name == "constant" and warmup_steps > 0:
+        name = "constant_with_warmup"
+    try:
+        return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup_steps * num_processes,
+                             num_training_steps=max_steps * num_processes)
+    except ValueError as e:
+        raise ValueError(f"lr_scheduler: {e}") from e
 
 
 def read_slimsd_json(folder: str | Path) -> dict | None:

@@ -184,3 +184,25 @@ def test_tiny_sd_slim_preset_names_its_build_command():
     else:
         with pytest.raises(FileNotFoundError, match="compress build configs/tiny-sd-slim.json"):
             resolve_model("tiny-sd-slim")
+
+
+def test_constant_lr_with_warmup_really_warms_up():
+    """diffusers' get_scheduler("constant") ignores num_warmup_steps; ours must not."""
+    from slimsd.compress.train import make_lr_scheduler
+
+    def lrs(name, warmup, n=6):
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        sched = make_lr_scheduler(opt, name, warmup, max_steps=10)
+        out = []
+        for _ in range(n):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    assert lrs("constant", 0) == [1e-3] * 6
+    warm = lrs("constant", 4)
+    assert warm[0] == 0 and warm[2] == pytest.approx(5e-4) and warm[4:] == [1e-3, 1e-3]
+    assert lrs("cosine", 2)[:3] == pytest.approx([0, 5e-4, 1e-3])
+    with pytest.raises(ValueError, match="^lr_scheduler: 'nope' is not a valid"):
+        lrs("nope", 0)
