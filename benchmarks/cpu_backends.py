@@ -55,15 +55,9 @@ def log(msg: str) -> None:
 
 # -- the machine --------------------------------------------------------------------------------
 def machine() -> dict:
-    name, flags = platform.processor(), set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and name in ("", platform.processor()):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    from slimsd.hardware import cpu_model_and_flags
+
+    name, flags = cpu_model_and_flags()
     import onnxruntime
     import torch
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -35,15 +34,9 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def machine() -> dict:
-    flags = ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                flags = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": flags or platform.processor(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    from slimsd.hardware import cpu_model_and_flags
+
+    return {"cpu": cpu_model_and_flags()[0], "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 @torch.no_grad()

@@ -284,21 +284,11 @@ def resolve_compressed(cfg: CompareConfig, log=print) -> tuple[str, str]:
 
 
 def _unet_params(model: str) -> int | None:
-    """U-Net parameters counted from the safetensors headers (no weights loaded); None if unreadable."""
+    """U-Net parameters from the safetensors headers (no weights loaded); None if unreadable."""
+    from slimsd.models import resolve_model, stored_params
+
     try:
-        from safetensors import safe_open
-
-        from slimsd.models import resolve_model
-
-        total = 0
-        for f in (resolve_model(model) / "unet").glob("*.safetensors"):
-            with safe_open(str(f), "pt") as st:
-                for k in st.keys():
-                    n = 1
-                    for d in st.get_slice(k).get_shape():
-                        n *= d
-                    total += n
-        return total or None
+        return stored_params(resolve_model(model), "unet")
     except Exception:  # noqa: BLE001 - informative only
         return None
 

@@ -12,16 +12,9 @@ PACKAGES = ("torch", "onnxruntime", "openvino", "diffusers", "transformers", "lo
 
 
 def cpu_info() -> dict:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    from slimsd.hardware import cpu_model_and_flags
+
+    model, flags = cpu_model_and_flags()
     return {"cpu": model, "simd_flags": [f for f in SIMD_FLAGS if f in flags], "logical_cores": os.cpu_count(),
             "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
 

@@ -29,6 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from slimsd.defaults import GenerationDefaults, generation_defaults
+from slimsd.models import stored_params
 from slimsd.specs import ComponentSpec, ModelDims, component_specs
 
 log = logging.getLogger("slimsd.serve")
@@ -115,7 +116,7 @@ def load_pipeline(settings) -> Pipeline:
     t0 = time.perf_counter()
     backend, precision = settings.backend, settings.precision
     if backend == "auto":
-        choice = choose_backend(settings, unet_param_count(folder))
+        choice = choose_backend(settings, stored_params(folder, "unet"))
         backend, precision = choice.backend, choice.precision
         log.info("backend auto -> %s, precision %s (%s)", backend, precision, choice.why)
     if backend == "torch":
@@ -125,8 +126,10 @@ def load_pipeline(settings) -> Pipeline:
             raise ValueError("precision: bf16 is a CPU setting; with --device cuda use --dtype float16")
         dtype = "bfloat16" if precision == "bf16" else ("float32" if precision == "f32" else settings.dtype)
         runners = TorchRunners(folder, device=settings.device, dtype=dtype, threads=settings.threads)
+        computed = {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "f32")
         spec = component_specs(dims, dynamic_hw=True)["unet"]  # eager modules take any valid size
     else:
+        computed = "fp16" if settings.dtype == "float16" else "f32"  # what the ONNX export holds
         onnx_dir = Path(settings.onnx_dir) if settings.onnx_dir else ensure_onnx(model, folder, settings.dtype,
                                                                                  settings.cache_dir)
         spec = component_specs(onnx_dir)["unet"]
@@ -142,6 +145,7 @@ def load_pipeline(settings) -> Pipeline:
                 raise ValueError("backend openvino runs on the CPU; use onnxruntime or tensorrt for --device cuda")
             runners = OpenVINORunners(onnx_dir, precision=precision, threads=settings.threads,
                                       cache=settings.openvino_cache)
+            computed = runners.precision  # auto resolved against the CPU
         elif backend == "tensorrt":
             from .runners_tensorrt import TensorRTRunners
 
@@ -155,8 +159,6 @@ def load_pipeline(settings) -> Pipeline:
         else:  # pragma: no cover - settings validate the name
             raise ValueError(f"unknown backend {backend!r}")
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    computed = {"bfloat16": "bf16", "float16": "fp16"}.get(str(getattr(runners, "dtype", "")).replace("torch.", ""))
-    computed = computed or getattr(runners, "precision", None) or ("fp16" if settings.dtype == "float16" else "f32")
     pipe = Pipeline(name=name, folder=folder, backend=backend, runners=runners,
                     tokenizer=load_tokenizer(folder / "tokenizer"), scheduler_config=scheduler_config,
                     dims=dims, spec=spec, defaults=generation_defaults(folder),
@@ -183,24 +185,6 @@ class BackendChoice:
     why: str
 
 
-def unet_param_count(folder: Path) -> int | None:
-    """Parameters of ``folder``'s U-Net from its safetensors header (no weights read); None if unknown."""
-    files = sorted((Path(folder) / "unet").glob("*.safetensors"))
-    if not files:
-        return None
-    try:
-        from safetensors import safe_open
-
-        n = 0
-        for f in files:
-            with safe_open(f, framework="np") as sf:
-                for k in sf.keys():
-                    n += int(np.prod(sf.get_slice(k).get_shape()))
-        return n
-    except Exception:  # noqa: BLE001 - an unreadable header: the loader reports it properly
-        return None
-
-
 def choose_backend(settings, unet_params: int | None = None, bf16: str | None | bool = False) -> BackendChoice:
     """What ``--backend auto`` runs, and why: the measured fastest accurate runtime for this
     machine and model size (docs/serve.md, "CPU runtimes"; benchmarks/results/cpu_backends*.md).
@@ -218,7 +202,7 @@ def choose_backend(settings, unet_params: int | None = None, bf16: str | None | 
     answer (``False``: look it up).
     """
     from .runners_openvino import available
-    from .runners_torch import cpu_bf16
+    from slimsd.hardware import cpu_bf16
 
     if settings.device == "cuda":
         return BackendChoice("onnxruntime", "auto", "device cuda")

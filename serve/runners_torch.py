@@ -17,23 +17,6 @@ import numpy as np
 _SUB = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae"}
 
 
-def cpu_bf16() -> str | None:
-    """How this CPU does bf16 matrix math: ``"amx"`` (AMX-BF16 tiles), ``"avx512_bf16"``, or None.
-
-    Read from the kernel's flags (Linux ``/proc/cpuinfo``); elsewhere None, so nothing picks
-    bf16 on a CPU it cannot vouch for.
-    """
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return "amx" if "amx_bf16" in flags else ("avx512_bf16" if "avx512_bf16" in flags else None)
-    except OSError:
-        pass
-    return None
-
-
 def pick_device(device: str = "auto") -> str:
     import torch
 

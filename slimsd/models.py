@@ -254,3 +254,25 @@ def load_pipeline(spec: str | os.PathLike, dtype=None, scheduler: str | None = N
 
 def count_params(module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def stored_params(folder: str | Path, component: str = "unet") -> int | None:
+    """Parameters in ``folder/component/*.safetensors``, summed from the files' headers (no
+    weights read); None when there are no such files or a header is unreadable."""
+    files = sorted((Path(folder) / component).glob("*.safetensors"))
+    if not files:
+        return None
+    try:
+        from safetensors import safe_open
+
+        n = 0
+        for f in files:
+            with safe_open(f, framework="np") as sf:
+                for k in sf.keys():
+                    size = 1
+                    for d in sf.get_slice(k).get_shape():
+                        size *= d
+                    n += size
+        return n
+    except Exception:  # noqa: BLE001 - an unreadable header: the loader reports it properly
+        return None

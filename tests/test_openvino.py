@@ -226,22 +226,23 @@ def test_auto_backend_reads_the_unet_size_and_serves(onnx_dir, tmp_path, monkeyp
     /v1/models says so. An SD-size count on a BF16 CPU without openvino loads torch bf16."""
     from slimsd.models import resolve_model
     from slimsd.serve import pipeline as sp
-    from slimsd.serve.runners_torch import cpu_bf16
+    from slimsd.hardware import cpu_bf16
+    from slimsd.models import stored_params
 
     folder = resolve_model("tiny-sd")
-    n = sp.unet_param_count(folder)
+    n = stored_params(folder, "unet")
     import torch
     from diffusers import UNet2DConditionModel
 
     assert n == sum(p.numel() for p in UNet2DConditionModel.from_pretrained(folder, subfolder="unet").parameters())
-    assert sp.unet_param_count(tmp_path) is None
+    assert stored_params(tmp_path, "unet") is None
     assert cpu_bf16() in ("amx", "avx512_bf16", None)
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     pipe = _load(onnx_dir, backend="auto")
     assert (pipe.backend, pipe.precision) == ("onnxruntime", "f32")
     ref = pipe.generate(["a red circle left of a blue square"], None, [0], steps=8).astype(int)
     if cpu_bf16() is not None:  # bf16 torch really runs bf16 modules on this CPU
-        monkeypatch.setattr(sp, "unet_param_count", lambda folder: 865_910_724)
+        monkeypatch.setattr(sp, "stored_params", lambda folder, component: 865_910_724)
         monkeypatch.setattr("slimsd.serve.runners_openvino.available", lambda: False)
         pipe = _load(onnx_dir, backend="auto")
         assert (pipe.backend, pipe.precision) == ("torch", "bf16")

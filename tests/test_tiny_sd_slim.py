@@ -13,9 +13,9 @@ pytestmark = pytest.mark.skipif(not (TINY_SD_SLIM_DIR / "model_index.json").is_f
 
 
 def _unet_params(folder) -> int:
-    from slimsd.serve.pipeline import unet_param_count
+    from slimsd.models import stored_params
 
-    return unet_param_count(folder)
+    return stored_params(folder, "unet")
 
 
 def test_manifest_records_the_build_and_matches_files():
