@@ -211,7 +211,13 @@ def build_latent_cache(vae, text_encoder, tokenizer, data: str, num: int, seed: 
     from slimsd.data.user import open_dataset
     from slimsd.models import cache_dir
 
-    key = hashlib.sha256(json.dumps([data, num, seed, resolution, _weights_key(vae, text_encoder)]).encode()).hexdigest()[:20]
+    # everything that changes what is stored: the data (and a local copy's mtime), how many,
+    # the seed, the resolution, the frozen VAE and text encoder, and the tokenizer
+    local = Path(data)
+    data_stamp = local.stat().st_mtime_ns if local.exists() else None
+    tok = hashlib.sha256(json.dumps([tokenizer.model_max_length, sorted(tokenizer.get_vocab().items())]).encode())
+    key = hashlib.sha256(json.dumps([data, data_stamp, num, seed, resolution, _weights_key(vae, text_encoder),
+                                     tok.hexdigest()[:16]]).encode()).hexdigest()[:20]
     root = Path(cache_root) if cache_root else cache_dir() / "latents"
     path = root / f"{key}.pt"
     if path.is_file():

@@ -28,6 +28,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from slimsd.io import atomic_write_text
 from slimsd.manifest import MANIFEST, sha256_file
 from slimsd.specs import COMPONENTS, ComponentSpec, ModelDims, component_specs
 
@@ -54,9 +55,19 @@ class OnnxExportConfig:
     force: bool = False
 
     def settings(self) -> dict:
-        """What a cached stage must match to be reused."""
+        """What a cached stage must match to be reused: every setting that changes the file.
+
+        Includes the torch and slimsd versions (the exporter and the export wrappers) so an
+        upgrade re-exports instead of serving a file another exporter wrote. ``verify`` and
+        ``tolerance`` only decide whether a file is accepted, not what it holds.
+        """
+        import torch
+
+        import slimsd
+
         return {"dtype": self.dtype, "dynamic_hw": self.dynamic_hw, "opset": self.opset, "optimize": self.optimize,
-                "external_data": self.external_data, "exporter": "torch.onnx.export(dynamo=False)"}
+                "external_data": self.external_data, "exporter": "torch.onnx.export(dynamo=False)",
+                "torch": torch.__version__, "slimsd": slimsd.__version__}
 
 
 def _log_stderr(msg: str) -> None:
@@ -169,9 +180,7 @@ def _write_manifest(out: Path, data: dict) -> None:
         if top in ("tokenizer", "scheduler") and rel not in files:
             files[rel] = sha256_file(out / rel)
     data["files"] = dict(sorted(files.items()))
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(out / MANIFEST)
+    atomic_write_text(out / MANIFEST, json.dumps(data, indent=2) + "\n")
 
 
 def _cached(out: Path, entry: dict | None, src_sha: str, settings: dict) -> bool:

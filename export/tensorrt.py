@@ -3,7 +3,10 @@
 Layout of ``OUT``::
 
     text_encoder.plan  unet.plan  vae_decoder.plan
-    timing.cache        reused (and extended) by every build: later builds skip kernel timing
+    timing-<TensorRT version>-<GPU>.cache
+                        reused (and extended) by every build on that TensorRT and GPU: later
+                        builds skip kernel timing (a cache of another TensorRT or GPU is never
+                        fed to a build; TensorRT keys tactics by layer, precision and shape itself)
     manifest.json       TensorRT version, GPU, profiles, flags, sha256 of the ONNX sources
 
 The build configuration is pure Python (:func:`plan_engines`, :func:`builder_flags`,
@@ -21,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from slimsd.io import atomic_write_bytes, atomic_write_text
 from slimsd.specs import COMPONENTS, ComponentSpec, component_specs
 
 
@@ -38,7 +42,7 @@ class TensorRTConfig:
     opt_hw: int | tuple[int, int] | None = None
     max_hw: int | tuple[int, int] | None = None
     workspace_gb: float = 8.0
-    timing_cache: str | None = None  # default OUT/timing.cache
+    timing_cache: str | None = None  # default OUT/timing-<TensorRT version>-<GPU>.cache (timing_cache_path)
     components: tuple[str, ...] = COMPONENTS
     force: bool = False
 
@@ -153,12 +157,16 @@ def build_engine(job: EngineJob, timing_cache: Path, trt=None, log=print) -> Non
     if serialized is None:
         raise RuntimeError(f"{job.component}: TensorRT engine build failed (see the TensorRT log above)")
     job.plan.parent.mkdir(parents=True, exist_ok=True)
-    tmp = job.plan.with_suffix(".plan.tmp")
-    tmp.write_bytes(bytes(serialized))
-    tmp.replace(job.plan)
-    timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+    atomic_write_bytes(job.plan, bytes(serialized))
+    atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
     log(f"[{job.component}] built {job.plan} ({job.plan.stat().st_size / 1e6:.1f} MB) "
         f"in {time.perf_counter() - t0:.0f} s")
+
+
+def timing_cache_path(out: Path, env: dict) -> Path:
+    """``OUT/timing-<tensorrt>-<gpu>.cache``: a timing cache is only valid for the TensorRT and GPU that timed it."""
+    slug = "".join(c if c.isalnum() or c in "-." else "_" for c in f"{env['tensorrt']}-{env['gpu']}")
+    return out / f"timing-{slug}.cache"
 
 
 def export_tensorrt(onnx_dir, out, cfg: TensorRTConfig | None = None, log=None) -> dict:
@@ -173,10 +181,10 @@ def export_tensorrt(onnx_dir, out, cfg: TensorRTConfig | None = None, log=None) 
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cache = Path(cfg.timing_cache) if cfg.timing_cache else out / "timing.cache"
     mpath = out / "manifest.json"
     manifest = json.loads(mpath.read_text()) if mpath.is_file() else {}
     env = {"tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(0)}
+    cache = Path(cfg.timing_cache) if cfg.timing_cache else timing_cache_path(out, env)
     engines = manifest.get("engines", {}) if manifest.get("environment") == env else {}
     for job in jobs:
         src_sha = sha256_file(job.onnx)
@@ -191,5 +199,5 @@ def export_tensorrt(onnx_dir, out, cfg: TensorRTConfig | None = None, log=None) 
                                   "settings": job.settings, "plan_sha256": sha256_file(job.plan)}
         manifest = {"format": "slimsd-tensorrt/1", "onnx_dir": str(Path(onnx_dir).resolve()), "environment": env,
                     "timing_cache": str(cache), "engines": engines}
-        mpath.write_text(json.dumps(manifest, indent=2) + "\n")
+        atomic_write_text(mpath, json.dumps(manifest, indent=2) + "\n")
     return {"out": str(out), "engines": {j.component: str(j.plan) for j in jobs}, "timing_cache": str(cache)}

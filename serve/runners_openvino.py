@@ -17,11 +17,12 @@ physical cores); one stream per model with the ``LATENCY`` hint, as one ONNX Run
 per model. Each calling thread gets its own infer request, so ``--workers`` > 1 is safe.
 
 **Start-up cache**: OpenVINO's own compiled-model cache (``CACHE_DIR``) goes to
-``<folder>/openvino/<component>-<sha256 prefix of its ONNX files>/`` (the sha256 recorded in
-the export's ``manifest.json``; a sidecar ``openvino/manifest.json`` lists what each cache
-folder was made from). With the content hash in the folder name a re-export can never meet
-an old blob, whatever OpenVINO's own key for ``compile_model(path)`` covers, and the old
-folder is deleted (OpenVINO never deletes blobs; an SD U-Net's is gigabytes). A read-only
+``<folder>/openvino/<component>-<hash of its key>/``. The key (:meth:`OpenVINORunners.cache_key`,
+written beside the blob as ``slimsd-cache-key.json``) is the ONNX files' sha256 (from the
+export's ``manifest.json``), every compile property, the device and the OpenVINO version. So
+an f32 and a bf16 compile of one export get two folders, and a re-export can never meet an old
+blob, whatever OpenVINO's own key for ``compile_model(path)`` covers. Folders of an older
+export are deleted (OpenVINO never deletes blobs; an SD U-Net's is gigabytes). A read-only
 folder just compiles without a cache.
 Converting to OpenVINO IR (``openvino.save_model``) was measured and not kept: a warm cache
 starts faster than compiling IR, and a first start would pay the conversion on top
@@ -40,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slimsd.io import atomic_write_text
 from slimsd.runners_ort import ExportFolderRunners
 from slimsd.specs import COMPONENTS, component_specs
 
@@ -98,6 +100,22 @@ def resolve_precision(precision: str, core=None, capabilities: list[str] | None 
     return AUTO_PRECISION_WITH_BF16 if bf16 else "f32"  # auto
 
 
+CACHE_KEY_FILE = "slimsd-cache-key.json"  # in each cache folder: what its blob was compiled from
+
+
+def _stale(folder: Path, files: dict) -> bool:
+    """Whether cache ``folder`` belongs to an older export (other ONNX sha256) or has no key file.
+
+    A folder of the same export compiled another way (another precision, threads, OpenVINO
+    version) is kept: another process may be using it.
+    """
+    try:
+        key = json.loads((folder / CACHE_KEY_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return True  # made before the key file existed (keyed by the ONNX hash alone): unsafe
+    return key.get("onnx_sha256") != dict(sorted(files.items()))
+
+
 def _writable(folder: Path) -> bool:
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -152,7 +170,21 @@ class OpenVINORunners(ExportFolderRunners):
         log.info("openvino: compiled %s in %s s (precision %s, threads %s, cache %s)", self.folder, self.compile_s,
                  self.precision, threads or "auto", self.cache_root)
 
-    # -- compiled-model cache, one folder per component and ONNX content -------------------
+    # -- compiled-model cache, one folder per component, ONNX content and compile settings --
+    def cache_key(self, name: str, files: dict) -> dict:
+        """Everything that changes the blob OpenVINO stores for component ``name``.
+
+        The ONNX files' sha256, every compile property passed (precision hint, performance
+        hint, streams, threads), the device and the OpenVINO version. Two compiles that differ
+        in any of them get two folders: OpenVINO's own key for ``compile_model(path)`` does not
+        cover the precision hint, and a bf16 compile that meets an f32 blob gives black images
+        or heap corruption on AMX CPUs (issue #12).
+        """
+        import openvino as ov
+
+        return {"component": name, "onnx_sha256": dict(sorted(files.items())), "device": self.device,
+                "compile": dict(sorted(self.config.items())), "openvino": ov.__version__}
+
     def _config_for(self, name: str) -> dict:
         if self.cache_root is None:
             return dict(self.config)
@@ -161,30 +193,15 @@ class OpenVINORunners(ExportFolderRunners):
             return dict(self.config)
         import hashlib
 
-        key = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
-        sub = self.cache_root / f"{name}-{key}"
-        for old in self.cache_root.glob(f"{name}-*"):  # blobs of an older export of this component
-            if old != sub and old.is_dir():
+        key = self.cache_key(name, files)
+        sub = self.cache_root / f"{name}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}"
+        for old in self.cache_root.glob(f"{name}-*"):
+            if old != sub and old.is_dir() and _stale(old, files):
                 shutil.rmtree(old, ignore_errors=True)
         sub.mkdir(parents=True, exist_ok=True)
-        self._record_cache(name, sub.name, files)
+        if not (sub / CACHE_KEY_FILE).is_file():
+            atomic_write_text(sub / CACHE_KEY_FILE, json.dumps(key, indent=2) + "\n")
         return {**self.config, "CACHE_DIR": str(sub)}
-
-    def _record_cache(self, name: str, sub: str, files: dict) -> None:
-        import openvino as ov
-
-        path = self.cache_root / "manifest.json"
-        try:
-            data = json.loads(path.read_text()) if path.is_file() else {}
-        except json.JSONDecodeError:
-            data = {}
-        data.setdefault("components", {})[name] = {"cache": sub, "onnx_sha256": files}
-        data["openvino"] = ov.__version__
-        data["note"] = ("OpenVINO CACHE_DIR per component; the folder name is a hash of the ONNX files' sha256, "
-                        "so a re-export never reuses an old blob")
-        tmp = path.with_name(f"manifest.json.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        tmp.replace(path)
 
     # -- the Runners interface -------------------------------------------------------------
     def _request(self, name: str):

@@ -224,6 +224,48 @@ def test_force_reexports_everything(onnx_fp32, tiny_pipeline, tmp_path, monkeypa
     assert calls == list(COMPONENTS)
 
 
+@pytest.mark.parametrize("change", [{"dtype": "float16"}, {"dynamic_hw": True}, {"opset": 18}])
+def test_a_cached_export_is_never_reused_under_other_settings(onnx_fp32, tiny_pipeline, tmp_path, monkeypatch, change):
+    """Issue #12's audit: fp32 vs fp16 and static vs dynamic height/width re-export every stage."""
+    from slimsd.export import onnx as ex
+
+    out = tmp_path / "copy"
+    shutil.copytree(onnx_fp32, out)
+    calls = []
+    monkeypatch.setattr(ex, "export_component", lambda f, o, spec, cfg, log=None: calls.append(spec.name) or
+                        {"files": {}, "sizes": {}, "parity": None, "path": f"{spec.name}/model.onnx"})
+    ex.export_onnx(tiny_pipeline, out, ex.OnnxExportConfig(**change), log=lambda m: None)
+    assert calls == list(COMPONENTS)
+
+
+def test_export_settings_name_the_exporter_versions():
+    import torch
+
+    import slimsd
+    from slimsd.export.onnx import OnnxExportConfig
+
+    s = OnnxExportConfig().settings()
+    assert (s["torch"], s["slimsd"]) == (torch.__version__, slimsd.__version__)
+    assert OnnxExportConfig(dtype="float16").settings() != s and OnnxExportConfig(dynamic_hw=True).settings() != s
+
+
+def test_serve_onnx_cache_folder_names_model_dtype_and_axes(tmp_path):
+    from slimsd.serve.models import onnx_cache_dir
+
+    dirs = {onnx_cache_dir("tiny-sd", tmp_path / m, d, dyn, tmp_path)
+            for m in ("a", "b") for d in ("float32", "float16") for dyn in (False, True)}
+    assert len(dirs) == 8
+
+
+def test_tensorrt_timing_cache_is_per_tensorrt_version_and_gpu(tmp_path):
+    from slimsd.export.tensorrt import timing_cache_path
+
+    a = timing_cache_path(tmp_path, {"tensorrt": "10.3.0", "gpu": "NVIDIA A100-SXM4-80GB"})
+    assert a.parent == tmp_path and a.name == "timing-10.3.0-NVIDIA_A100-SXM4-80GB.cache"
+    assert a != timing_cache_path(tmp_path, {"tensorrt": "10.4.0", "gpu": "NVIDIA A100-SXM4-80GB"})
+    assert a != timing_cache_path(tmp_path, {"tensorrt": "10.3.0", "gpu": "NVIDIA H100 80GB HBM3"})
+
+
 def test_parity_failure_names_the_component(onnx_fp32, tiny_pipeline):
     import torch
 

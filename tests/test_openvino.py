@@ -254,30 +254,84 @@ def test_auto_backend_reads_the_unet_size_and_serves(onnx_dir, tmp_path, monkeyp
         assert diff.mean() < 4.0, diff.mean()  # the same picture (bf16 rounding), not another one
 
 
+def _cache_folders(root, name):
+    return sorted(p for p in root.glob(f"{name}-*") if p.is_dir())
+
+
+def _blobs(folder):
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.suffix == ".blob"}
+
+
+def test_f32_then_bf16_compile_into_their_own_cache_folders(onnx_dir, ort_pipe, tmp_path):
+    """Issue #12: the same export compiled f32 and then bf16 under one cache root.
+
+    Two folders per component, each compiled model reports its own precision hint, a second
+    load of each is served from its own blob (OpenVINO's ``LOADED_FROM_CACHE``, the blob
+    untouched), and the bf16 images stay within the bf16 tolerances. Under the old keying (the
+    ONNX hash alone) the bf16 compile met the f32 blob: one folder, black images, or heap
+    corruption on AMX CPUs. Runs on any CPU: without BF16 the second compile is f32 with
+    other threads, which must get its own folder for the same reason.
+    """
+    from slimsd.serve.runners_openvino import OpenVINORunners, cpu_supports_bf16
+
+    root = tmp_path / "ovcache"
+    second = {"precision": "bf16"} if cpu_supports_bf16() else {"precision": "f32", "threads": 1}
+    a = OpenVINORunners(onnx_dir, precision="f32", threads=2, cache=root)
+    b = OpenVINORunners(onnx_dir, cache=root, **second)
+    want = {"f32": "f32", "bf16": "bf16"}
+    for name in ("text_encoder", "unet", "vae_decoder"):
+        folders = _cache_folders(root, name)
+        assert len(folders) == 2, f"{name}: {folders} (one folder: the two compiles share a blob)"
+        assert all(len(_blobs(f)) == 1 for f in folders), [list(f.iterdir()) for f in folders]
+        for r in (a, b):
+            hint = r.compiled[name].get_property("INFERENCE_PRECISION_HINT")
+            assert hint.get_type_name() == want[r.precision], (name, r.precision, hint)
+            assert r.compiled[name].get_property("LOADED_FROM_CACHE") is False
+    before = {f: _blobs(f) for name in ("text_encoder", "unet", "vae_decoder") for f in _cache_folders(root, name)}
+    a2 = OpenVINORunners(onnx_dir, precision="f32", threads=2, cache=root)
+    b2 = OpenVINORunners(onnx_dir, cache=root, **second)
+    for name in ("text_encoder", "unet", "vae_decoder"):
+        for r in (a2, b2):
+            assert r.compiled[name].get_property("LOADED_FROM_CACHE") is True, (name, r.precision)
+            hint = r.compiled[name].get_property("INFERENCE_PRECISION_HINT")
+            assert hint.get_type_name() == want[r.precision], (name, r.precision, hint)
+    assert {f: _blobs(f) for f in before} == before  # each hit its own blob, none rewritten
+    ref = ort_pipe.generate(PROMPTS, None, SEEDS, steps=8, guidance=7.5)
+    for r in (a, b, a2, b2):
+        img = r.generate(PROMPTS, None, steps=8, guidance=7.5, seeds=SEEDS)
+        assert img.mean() > 10, f"{r.precision}: a black image"
+        d = _diff(img, ref)
+        if r.precision == "f32":
+            assert d.max() <= 2, (r.precision, d.max())
+        else:
+            assert d.mean() <= 2 and np.percentile(d, 99) <= 16 and d.max() <= 64, (d.mean(), d.max())
+
+
 def test_compiled_model_cache_is_keyed_by_the_onnx_hash(onnx_dir, ov_f32, tmp_path):
-    """One cache folder per component and ONNX sha256; a re-export gets a fresh one, the old one goes."""
+    """A re-export gets a fresh cache folder and the older export's folder goes."""
     import json
     import shutil
 
-    from slimsd.serve.runners_openvino import OpenVINORunners
+    from slimsd.serve.runners_openvino import CACHE_KEY_FILE, OpenVINORunners
 
     folder = tmp_path / "export"
     shutil.copytree(onnx_dir, folder)  # with the cache ov_f32 filled
-    side = json.loads((folder / "openvino" / "manifest.json").read_text())
     manifest = json.loads((folder / "manifest.json").read_text())
     for name in ("text_encoder", "unet", "vae_decoder"):
-        entry = side["components"][name]
-        assert entry["onnx_sha256"] == manifest["components"][name]["files"]
-        assert any((folder / "openvino" / entry["cache"]).iterdir()), f"{name}: no blob cached"
-    old = side["components"]["vae_decoder"]["cache"]
+        for sub in _cache_folders(folder / "openvino", name):
+            key = json.loads((sub / CACHE_KEY_FILE).read_text())
+            assert key["onnx_sha256"] == manifest["components"][name]["files"]
+            assert key["compile"]["INFERENCE_PRECISION_HINT"] in ("f32", "bf16")
+            assert _blobs(sub), f"{name}: no blob cached in {sub}"
+    old = _cache_folders(folder / "openvino", "vae_decoder")
     # a "re-export" of the VAE decoder: other bytes, so other sha256 in the export's manifest
     shutil.copy(folder / "text_encoder" / "model.onnx", folder / "vae_decoder" / "model.onnx")
     manifest["components"]["vae_decoder"]["files"] = {"vae_decoder/model.onnx": "0" * 64}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="do not match the spec"):  # the new file, not the old blob
         OpenVINORunners(folder, precision="f32")
-    side = json.loads((folder / "openvino" / "manifest.json").read_text())
-    assert side["components"]["vae_decoder"]["cache"] != old and not (folder / "openvino" / old).exists()
+    new = _cache_folders(folder / "openvino", "vae_decoder")
+    assert len(new) == 1 and new[0] not in old and not any(o.exists() for o in old)
     none = OpenVINORunners(onnx_dir, precision="f32", cache=False)
     assert none.cache_root is None and "CACHE_DIR" not in none._config_for("unet")
     x = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
