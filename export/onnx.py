@@ -19,7 +19,6 @@ Names, dtypes and dynamic axes come from :mod:`slimsd.specs`.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import shutil
 import sys
@@ -30,7 +29,8 @@ from pathlib import Path
 
 from slimsd.io import atomic_write_text
 from slimsd.manifest import MANIFEST, sha256_file
-from slimsd.specs import COMPONENTS, ComponentSpec, ModelDims, component_specs
+from slimsd.specs import COMPONENTS, SOURCE_SUBFOLDER, ComponentSpec, ModelDims, component_specs, wrap
+from slimsd.specs import load_module as spec_load_module
 
 FORMAT = "slimsd-onnx/1"
 DEFAULT_OPSET = 17
@@ -74,58 +74,21 @@ def _log_stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-# ---------------------------------------------------------------------------------------
-# modules with plain-tensor outputs named by the specs
-# ---------------------------------------------------------------------------------------
-def _wrappers():
-    import torch
-
-    class TextEncoder(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids):
-            out = self.m(input_ids=input_ids, return_dict=True)
-            return out.last_hidden_state, out.pooler_output
-
-    class UNet(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, sample, timestep, encoder_hidden_states):
-            return self.m(sample, timestep, encoder_hidden_states, return_dict=False)[0]
-
-    class VaeDecoder(torch.nn.Module):
-        """Raw ``vae.decode``: latents must already be divided by ``vae.config.scaling_factor``."""
-
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, latent_sample):
-            return self.m.decode(latent_sample, return_dict=False)[0]
-
-    return {"text_encoder": TextEncoder, "unet": UNet, "vae_decoder": VaeDecoder}
-
-
 def load_module(folder: Path, component: str):
-    """The torch module of ``component`` in float32, wrapped to return spec-named plain tensors."""
+    """The torch module of ``component`` in float32, wrapped to return spec-named plain tensors
+    (:func:`slimsd.specs.load_module` with eager attention, then :func:`slimsd.specs.wrap`)."""
     import torch
 
-    sub = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae"}[component]
-    index = json.loads((folder / "model_index.json").read_text())
-    library, cls_name = index[sub]
-    cls = getattr(importlib.import_module(library), cls_name)  # e.g. slimsd.unet_blocks.PrunedUNet2DConditionModel
-    if library == "transformers":
-        # eager attention: the TorchScript exporter's SDPA symbolic mis-types fp16 graphs
-        # (a float32 Cast lands before LayerNormalization); eager exports the same math cleanly
-        module = cls.from_pretrained(folder / sub, attn_implementation="eager")
-    else:
-        module = cls.from_pretrained(folder, subfolder=sub)
     # no dtype argument (its name differs across diffusers/transformers versions): cast instead
-    return _wrappers()[component](module.to(torch.float32)).eval()
+    module = spec_load_module(folder, component, eager_attention=True)
+    return wrap(component, module.to(torch.float32)).eval()
+
+
+def _wrappers():
+    """Old name (benchmarks/e2e_sd21.py): component -> wrapper factory (:func:`slimsd.specs.wrap`)."""
+    import functools
+
+    return {c: functools.partial(wrap, c) for c in COMPONENTS}
 
 
 # ---------------------------------------------------------------------------------------
@@ -133,7 +96,7 @@ def load_module(folder: Path, component: str):
 # ---------------------------------------------------------------------------------------
 def source_sha256(folder: Path, component: str) -> str:
     """One digest over the files of the component's source subfolder and its model_index entry."""
-    sub = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae"}[component]
+    sub = SOURCE_SUBFOLDER[component]
     h = hashlib.sha256()
     index = json.loads((folder / "model_index.json").read_text())
     h.update(json.dumps(index.get(sub)).encode())

@@ -7,14 +7,13 @@ float summation order.
 
 from __future__ import annotations
 
-import importlib
-import json
 from pathlib import Path
 
 import numpy as np
 
-# pipeline subfolder of each component
-_SUB = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae"}
+from slimsd.specs import SOURCE_SUBFOLDER, load_module
+
+_SUB = SOURCE_SUBFOLDER  # old name (benchmarks/cpu_backends.py)
 
 
 def pick_device(device: str = "auto") -> str:
@@ -28,17 +27,8 @@ def pick_device(device: str = "auto") -> str:
 
 
 def load_component(folder: Path, sub: str, dtype=None):
-    """The module of ``sub`` with the class named in ``model_index.json``.
-
-    The class is imported from the library the index names, so pruned U-Nets
-    (``slimsd.unet_blocks.PrunedUNet2DConditionModel``) load like stock ones.
-    """
-    library, cls_name = json.loads((folder / "model_index.json").read_text())[sub]
-    cls = getattr(importlib.import_module(library), cls_name)
-    kw = {"dtype": dtype} if dtype is not None else {}  # loaded in dtype: the library keeps what must stay fp32
-    if library == "transformers":
-        return cls.from_pretrained(folder / sub, **kw)
-    return cls.from_pretrained(folder, subfolder=sub, **kw)
+    """Old name (benchmarks/cpu_backends.py) of :func:`slimsd.specs.load_module`."""
+    return load_module(folder, sub, dtype)
 
 
 class TorchRunners:
@@ -64,8 +54,8 @@ class TorchRunners:
         self.dtype = getattr(torch, dtype)
         if threads:
             torch.set_num_threads(threads)
-        self.modules = {name: load_component(self.folder, sub, self.dtype).to(self.device).eval()
-                        for name, sub in _SUB.items()}
+        self.modules = {name: load_module(self.folder, name, self.dtype).to(self.device).eval()
+                        for name in SOURCE_SUBFOLDER}
 
     def _in(self, a: np.ndarray, dtype=None):
         import torch

@@ -19,11 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from slimsd.specs import ComponentSpec
-
-# spec dtype -> Triton wire dtype
-WIRE = {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32"}
-OUTPUT = {"text_encoder": "last_hidden_state", "unet": "out_sample", "vae_decoder": "sample"}
+from slimsd.specs import COMPONENTS, ComponentSpec
 
 
 def _module(protocol: str):
@@ -59,7 +55,7 @@ class TritonRunners:
         self.protocol = protocol
         self.m = _module(protocol)
         self.specs = specs
-        self.models = {n: n for n in OUTPUT} | dict(models or {})
+        self.models = {n: n for n in COMPONENTS} | dict(models or {})
         self.timeout_s = timeout_s
         self._factory = client_factory or (lambda url: self.m.InferenceServerClient(url=url))
         self._next = itertools.cycle(range(len(self.urls)))
@@ -87,7 +83,7 @@ class TritonRunners:
         inputs = []
         for t in self.specs[component].inputs:
             a = np.ascontiguousarray(arrays[t.name], dtype=t.numpy_dtype)
-            inp = self.m.InferInput(t.name, list(a.shape), WIRE[t.dtype])
+            inp = self.m.InferInput(t.name, list(a.shape), t.wire_dtype)
             if self.protocol == "http":
                 inp.set_data_from_numpy(a, binary_data=True)  # raw bytes, not a JSON list of floats
             else:
@@ -96,7 +92,7 @@ class TritonRunners:
         return inputs
 
     def call(self, component: str, **arrays) -> np.ndarray:
-        name = OUTPUT[component]
+        name = self.specs[component].main_output
         outputs = [self.m.InferRequestedOutput(name, binary_data=True) if self.protocol == "http"
                    else self.m.InferRequestedOutput(name)]
         kw = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}

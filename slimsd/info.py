@@ -2,38 +2,19 @@
 
 from __future__ import annotations
 
-import importlib
-import json
-from pathlib import Path
-
-COMPONENTS = ("unet", "text_encoder", "vae")
-
-
-def _empty_module(folder: Path, name: str):
-    """Instantiate component ``name`` of a pipeline folder on the meta device (no weights read)."""
-    from accelerate import init_empty_weights
-
-    index = json.loads((folder / "model_index.json").read_text())
-    library, cls_name = index[name]
-    cls = getattr(importlib.import_module(library), cls_name)
-    with init_empty_weights():
-        if library == "transformers":
-            from transformers import AutoConfig
-
-            return cls(AutoConfig.from_pretrained(folder / name))
-        return cls.from_config(cls.load_config(folder / name))
-
 
 def component_params(spec) -> dict[str, int]:
     """Parameter count of U-Net, text encoder and VAE of a preset / folder / hub id."""
     from slimsd.models import build_components, count_params, resolve_model
+    from slimsd.specs import component_specs
 
     if str(spec) == "sd21-base-arch":  # never materialize 5 GB just to count
         unet, vae, te, _, _ = build_components("sd21-base-arch", device="meta")
         mods = {"unet": unet, "text_encoder": te, "vae": vae}
     else:
         folder = resolve_model(spec)
-        mods = {n: _empty_module(folder, n) for n in COMPONENTS}
+        specs = component_specs(folder)
+        mods = {specs[n].source: specs[n].load_module(folder, empty=True) for n in ("unet", "text_encoder", "vae_decoder")}
     return {n: count_params(m) for n, m in mods.items()}
 
 

@@ -25,8 +25,16 @@ vae_decoder     latent_sample [batch, 4, height, width]     sample [batch, 3, im
 * ``vae_decoder`` is the raw ``vae.decode``: the caller divides latents by
   ``vae.config.scaling_factor`` first (see :mod:`slimsd.denoise`), as diffusers and Optimum do.
 
-This module is core (serve/ imports it): it needs only numpy; torch is imported lazily
-by :meth:`ComponentSpec.sample_inputs`.
+Each :class:`ComponentSpec` also owns the component's other facts, so no other module restates
+them: its source subfolder (:attr:`~ComponentSpec.source`), how its module loads
+(:meth:`~ComponentSpec.load_module`: the class named in ``model_index.json``), the export
+wrapper that gives it spec-named plain-tensor outputs (:meth:`~ComponentSpec.wrap`), its main
+output (:attr:`~ComponentSpec.main_output`, what the denoising loop reads) and the Triton wire
+dtypes of its tensors (:attr:`TensorSpec.triton_dtype` / :attr:`TensorSpec.wire_dtype`).
+
+This module is core (serve/ imports it): it needs only numpy; torch, diffusers and
+transformers are imported lazily inside the functions that need them. It is a little over
+400 lines on purpose: every fact about a component lives here, in one place.
 """
 
 from __future__ import annotations
@@ -71,6 +79,11 @@ class TensorSpec:
     @property
     def triton_dtype(self) -> str:
         return _TYPES[self.dtype][2]
+
+    @property
+    def wire_dtype(self) -> str:
+        """Triton's client-side name of the dtype (``FP32``): ``triton_dtype`` without ``TYPE_``."""
+        return self.triton_dtype.removeprefix("TYPE_")
 
     @property
     def triton_dims(self) -> list[int]:
@@ -179,6 +192,12 @@ class ComponentSpec:
         return SOURCE_SUBFOLDER[self.name]
 
     @property
+    def main_output(self) -> str:
+        """The output the denoising loop reads: the first one (``last_hidden_state``, ``out_sample``,
+        ``sample``)."""
+        return self.outputs[0].name
+
+    @property
     def input_names(self) -> list[str]:
         return [t.name for t in self.inputs]
 
@@ -191,6 +210,28 @@ class ComponentSpec:
             if t.name == name:
                 return t
         raise KeyError(f"{self.name} has no tensor {name!r}")
+
+    def cast_inputs(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The spec's inputs from ``arrays``, C-contiguous in the spec's dtypes (fp16 specs take
+        float32 arrays too); KeyError naming a missing input."""
+        return {t.name: np.ascontiguousarray(arrays[t.name], dtype=t.numpy_dtype) for t in self.inputs}
+
+    def check_names(self, what, inputs, outputs, exact_inputs: bool = True) -> None:
+        """ValueError naming ``what`` when a compiled model's tensor names do not match the spec."""
+        got_in, got_out = set(inputs), set(outputs)
+        ok_in = got_in == set(self.input_names) if exact_inputs else set(self.input_names) <= got_in
+        if not ok_in or not set(self.output_names) <= got_out:
+            raise ValueError(f"{what}: inputs {sorted(got_in)} / outputs {sorted(got_out)} do not match the spec "
+                             f"{self.input_names} / {self.output_names}")
+
+    # -- the torch side --------------------------------------------------------------------
+    def load_module(self, folder: str | Path, dtype=None, *, empty: bool = False, eager_attention: bool = False):
+        """This component's module from a diffusers pipeline folder: see :func:`load_module`."""
+        return load_module(folder, self.name, dtype, empty=empty, eager_attention=eager_attention)
+
+    def wrap(self, module):
+        """``module`` (as :meth:`load_module` returns it) with plain-tensor outputs in the spec's order."""
+        return wrap(self.name, module)
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """``dynamic_axes`` for ``torch.onnx.export``: symbol per dynamic axis of every tensor."""
@@ -268,6 +309,84 @@ class ComponentSpec:
     def to_dict(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, "dynamic_hw": self.dynamic_hw,
                 "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
+
+
+def load_module(folder: str | Path, component: str, dtype=None, *, empty: bool = False,
+                eager_attention: bool = False):
+    """The module of ``component`` (``text_encoder``, ``unet``, ``vae_decoder`` or a subfolder name)
+    with the class ``model_index.json`` names, imported from the library it names.
+
+    So pruned U-Nets (``slimsd.unet_blocks.PrunedUNet2DConditionModel``) load like stock ones.
+    ``vae_decoder`` is the whole ``AutoencoderKL`` (:meth:`ComponentSpec.wrap` calls its decoder).
+
+    * ``dtype``: loaded in that torch dtype (the library keeps what must stay fp32); None = as stored;
+    * ``empty``: built from the config on the meta device, no weights read (counting parameters);
+    * ``eager_attention``: transformers' eager attention instead of SDPA (the TorchScript ONNX
+      exporter mis-types fp16 SDPA graphs: a float32 Cast lands before LayerNormalization).
+    """
+    import importlib
+
+    folder = Path(folder)
+    sub = SOURCE_SUBFOLDER.get(component, component)
+    library, cls_name = json.loads((folder / "model_index.json").read_text())[sub]
+    cls = getattr(importlib.import_module(library), cls_name)
+    if empty:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            if library == "transformers":
+                from transformers import AutoConfig
+
+                return cls(AutoConfig.from_pretrained(folder / sub))
+            return cls.from_config(cls.load_config(folder / sub))
+    kw = {"dtype": dtype} if dtype is not None else {}
+    if library == "transformers":
+        if eager_attention:
+            kw["attn_implementation"] = "eager"
+        return cls.from_pretrained(folder / sub, **kw)
+    return cls.from_pretrained(folder, subfolder=sub, **kw)
+
+
+def wrap(component: str, module):
+    """A ``torch.nn.Module`` around ``module`` whose ``forward`` takes the spec's inputs in order and
+    returns plain tensors in the spec's output order (what ``torch.onnx.export`` traces).
+
+    ``vae_decoder`` is the raw ``vae.decode``: latents must already be divided by
+    ``vae.config.scaling_factor``.
+    """
+    import torch
+
+    if component not in _FORWARD:
+        raise KeyError(f"unknown component {component!r}; components: {', '.join(COMPONENTS)}")
+    forward = _FORWARD[component]
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, *inputs):
+            return forward(self.m, *inputs)
+
+    Wrapped.__name__ = Wrapped.__qualname__ = _WRAPPER_NAME[component]
+    return Wrapped(module)
+
+
+def _text_encoder_forward(m, input_ids):
+    out = m(input_ids=input_ids, return_dict=True)
+    return out.last_hidden_state, out.pooler_output
+
+
+def _unet_forward(m, sample, timestep, encoder_hidden_states):
+    return m(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+def _vae_decoder_forward(m, latent_sample):
+    return m.decode(latent_sample, return_dict=False)[0]
+
+
+_FORWARD = {"text_encoder": _text_encoder_forward, "unet": _unet_forward, "vae_decoder": _vae_decoder_forward}
+_WRAPPER_NAME = {"text_encoder": "TextEncoder", "unet": "UNet", "vae_decoder": "VaeDecoder"}
 
 
 def _specs_from_dims(d: ModelDims, dtype: str, dynamic_hw: bool) -> dict[str, ComponentSpec]:
