@@ -155,9 +155,14 @@ class Engine:
     async def stop(self, timeout_s: float = 30.0) -> None:
         """Drain, wait for the queue and running batches (up to ``timeout_s``), stop the workers."""
         self.drain()
+        await asyncio.to_thread(self.finish, timeout_s)
+
+    def finish(self, timeout_s: float) -> None:
+        """Blocking :meth:`stop` without the drain (the caller drains first): wait up to ``timeout_s``,
+        then queued jobs get ``draining`` and the workers stop after their running batch."""
         deadline = time.monotonic() + timeout_s
         while (self._pending or self._busy) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+            time.sleep(0.05)
         with self._cond:
             self._stop = True
             for job in self._pending:

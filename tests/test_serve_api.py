@@ -18,10 +18,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from slimsd.models import TINY_SD_DIR
-
-pytestmark = pytest.mark.skipif(not (TINY_SD_DIR / "model_index.json").is_file(), reason="tiny-sd weights missing")
-
 GEN = "/v1/images/generations"
 A1111 = "/sdapi/v1/txt2img"
 PROMPT = "a red circle left of a blue square"
@@ -297,17 +293,48 @@ def test_concurrent_requests_are_batched(pipe):
         assert np.abs(png(alone).astype(int) - png(rs[2].json()["data"][0]["b64_json"]).astype(int)).max() <= 1
 
 
+class Held(Slow):
+    """Slow runners that block every U-Net call while ``gate`` is clear; ``entered`` says one is running."""
+
+    def __init__(self, inner, delay: float):
+        super().__init__(inner, delay)
+        self.gate, self.entered = threading.Event(), threading.Event()
+        self.gate.set()
+
+    def unet(self, *a):
+        self.entered.set()
+        self.gate.wait(30)
+        return super().unet(*a)
+
+
 def test_full_queue_answers_429_with_retry_after(pipe):
-    slow = replace(pipe, runners=Slow(pipe.runners, 0.3))  # 0.6 s a request: the rest pile up
-    with serving(slow, max_queue=1, max_batch_size=1, max_wait_ms=0) as c:
-        rs = _concurrently(c, [{"prompt": PROMPT, "seed": i, "num_inference_steps": 2} for i in range(5)])
-        codes = sorted(r.status_code for r in rs)
-        assert codes.count(200) >= 2 and 429 in codes, codes
-        busy = next(r for r in rs if r.status_code == 429)
-        assert_error(busy, 429, code="queue_full", contains="max_queue 1")
+    """Retry-After meets a known queue depth: one batch running, three queued (max_batch_size 1), so a
+    new request waits about four batch times; the test times a batch itself."""
+    held = Held(pipe.runners, 0.35)  # 2 steps: ~0.8 s a batch, so 4 batches ~3.2 s
+    with serving(replace(pipe, runners=held), warmup=True, max_queue=3, max_batch_size=1, max_wait_ms=0) as c:
+        body = {"prompt": PROMPT, "num_inference_steps": 2}
+        t0 = time.monotonic()
+        assert c.post(GEN, json=body).status_code == 200
+        batch_s = time.monotonic() - t0
+        held.gate.clear()
+        held.entered.clear()
+        with ThreadPoolExecutor(4) as ex:
+            futs = [ex.submit(c.post, GEN, json={**body, "seed": 0})]
+            assert held.entered.wait(10)  # the first one is running (and held)
+            futs += [ex.submit(c.post, GEN, json={**body, "seed": i}) for i in (1, 2, 3)]
+            t0 = time.monotonic()
+            while metric(c, "slimsd_queue_depth") != 3:
+                assert time.monotonic() - t0 < 10, metric(c, "slimsd_queue_depth")
+                time.sleep(0.01)
+            busy = c.post(GEN, json=body)
+            held.gate.set()
+            rs = [f.result() for f in futs]
+        assert [r.status_code for r in rs] == [200] * 4, [r.text for r in rs]
+        assert_error(busy, 429, code="queue_full", contains="max_queue 3")
         assert busy.json()["error"]["type"] == "rate_limit_error"
-        assert int(busy.headers["retry-after"]) >= 1
-        assert metric(c, "slimsd_rejections_total", {"reason": "queue_full"}) == codes.count(429)
+        wait = int(busy.headers["retry-after"])
+        assert abs(wait - 4 * batch_s) < 1, (wait, batch_s)  # 1 running + 3 queued, one worker
+        assert metric(c, "slimsd_rejections_total", {"reason": "queue_full"}) == 1
         assert c.post(GEN, json={"prompt": PROMPT, "num_inference_steps": 1}).status_code == 200  # recovered
 
 
