@@ -42,12 +42,13 @@ from pathlib import Path
 import numpy as np
 
 from slimsd.io import atomic_write_text
-from slimsd.runners_ort import ExportFolderRunners
-from slimsd.specs import COMPONENTS, component_specs
+from slimsd.precision import REQUESTED_PRECISIONS, Precision
+from slimsd.runners import ExportFolderRunners
+from slimsd.specs import COMPONENTS
 
 log = logging.getLogger("slimsd.serve")
 
-PRECISIONS = ("auto", "bf16", "f32")
+PRECISIONS = REQUESTED_PRECISIONS  # auto | bf16 | f32
 # What ``auto`` picks on a CPU with BF16: bf16 (its images stay within the evaluator's noise
 # on tiny-sd: docs/serve.md, "OpenVINO"); set to "f32" here if that ever stops being true.
 AUTO_PRECISION_WITH_BF16 = "bf16"
@@ -80,7 +81,7 @@ def cpu_supports_bf16(core=None) -> bool:
     return "BF16" in cpu_capabilities(core)
 
 
-def resolve_precision(precision: str, core=None, capabilities: list[str] | None = None) -> str:
+def resolve_precision(precision: str, core=None, capabilities: list[str] | None = None) -> Precision:
     """``"bf16"`` or ``"f32"`` for a requested ``auto`` / ``bf16`` / ``f32``.
 
     ValueError naming the ``precision`` setting for any other value, or for ``bf16`` on a CPU
@@ -130,14 +131,9 @@ class OpenVINORunners(ExportFolderRunners):
     def __init__(self, folder: str | Path, precision: str = "auto", threads: int | None = None,
                  cache: bool | str | Path = True, device: str = "CPU", core=None):
         """``cache``: True = ``<folder>/openvino`` (skipped if not writable), False = none, or a folder."""
-        self.folder = Path(folder)
-        manifest = self.folder / "manifest.json"
-        if not manifest.is_file():
-            raise FileNotFoundError(f"{self.folder}: no manifest.json (not a `slimsd export onnx` folder)")
+        self._open(folder)
         if threads is not None and int(threads) < 1:
             raise ValueError(f"threads: must be >= 1, got {threads}")
-        self.manifest = json.loads(manifest.read_text())
-        self.specs = component_specs(self.folder)
         self.core = core or _core()
         self.requested_precision = precision
         self.precision = resolve_precision(precision, self.core)
@@ -153,18 +149,12 @@ class OpenVINORunners(ExportFolderRunners):
             log.warning("openvino: %s is not writable; compiling without a cache", root)
         self.compiled, self.compile_s = {}, {}
         for name in COMPONENTS:
-            path = self.folder / name / "model.onnx"
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: missing (export incomplete?)")
+            path = self.onnx_path(name)
             t0 = time.perf_counter()
             compiled = self.core.compile_model(str(path), device, self._config_for(name))
             self.compile_s[name] = round(time.perf_counter() - t0, 3)
-            spec = self.specs[name]
-            got_in = {n for i in compiled.inputs for n in i.get_names()}
-            got_out = {n for o in compiled.outputs for n in o.get_names()}
-            if not set(spec.input_names) <= got_in or not set(spec.output_names) <= got_out:
-                raise ValueError(f"{path}: inputs {sorted(got_in)} / outputs {sorted(got_out)} do not match the spec "
-                                 f"{spec.input_names} / {spec.output_names}")
+            self.specs[name].check_names(path, [n for i in compiled.inputs for n in i.get_names()],
+                                         [n for o in compiled.outputs for n in o.get_names()], exact_inputs=False)
             self.compiled[name] = compiled
         self._local = threading.local()
         log.info("openvino: compiled %s in %s s (precision %s, threads %s, cache %s)", self.folder, self.compile_s,
@@ -214,8 +204,7 @@ class OpenVINORunners(ExportFolderRunners):
 
     def run(self, name: str, **inputs) -> dict[str, np.ndarray]:
         spec = self.specs[name]
-        feeds = {t.name: np.ascontiguousarray(inputs[t.name], dtype=t.numpy_dtype) for t in spec.inputs}
         req = self._request(name)
-        req.infer(feeds)
+        req.infer(spec.cast_inputs(inputs))
         # copies: the request's output tensors are reused by its next call
         return {n: np.array(req.get_tensor(n).data, dtype=np.float32, copy=True) for n in spec.output_names}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slimsd.runners import ComponentRunners
 from slimsd.specs import COMPONENTS
 
 
@@ -69,7 +70,7 @@ class _Engine:
         return result
 
 
-class TensorRTRunners:
+class TensorRTRunners(ComponentRunners):
     """``text_encoder.plan``, ``unet.plan``, ``vae_decoder.plan`` in ``engines_dir``."""
 
     def __init__(self, engines_dir: str | Path):
@@ -85,12 +86,5 @@ class TensorRTRunners:
                 raise FileNotFoundError(f"{plan}: missing (build it with `slimsd export tensorrt`)")
             self.engines[name] = _Engine(trt, runtime, plan)
 
-    def text_encoder(self, input_ids):
-        return self.engines["text_encoder"](input_ids=input_ids)["last_hidden_state"]
-
-    def unet(self, sample, timestep, encoder_hidden_states):
-        return self.engines["unet"](sample=sample, timestep=timestep,
-                                    encoder_hidden_states=encoder_hidden_states)["out_sample"]
-
-    def vae_decoder(self, latent_sample):
-        return self.engines["vae_decoder"](latent_sample=latent_sample)["sample"]
+    def run(self, name: str, **inputs) -> dict[str, np.ndarray]:
+        return self.engines[name](**inputs)

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from slimsd.specs import SOURCE_SUBFOLDER, load_module
+from slimsd.precision import dtype_name, precision_of
+from slimsd.runners import ComponentRunners
+from slimsd.specs import SOURCE_SUBFOLDER, component_specs, load_module
 
 _SUB = SOURCE_SUBFOLDER  # old name (benchmarks/cpu_backends.py)
 
@@ -31,13 +33,14 @@ def load_component(folder: Path, sub: str, dtype=None):
     return load_module(folder, sub, dtype)
 
 
-class TorchRunners:
+class TorchRunners(ComponentRunners):
     """Text encoder, U-Net and VAE of a diffusers pipeline folder, on numpy in and out.
 
-    ``dtype`` float32 (the reference), float16 (CUDA) or bfloat16: on a CPU with AVX512-BF16 or
-    AMX it runs oneDNN's bf16 kernels (SD v2.1 U-Net batch 2 here: 5.76 s vs 9.44 s in fp32,
-    docs/serve.md "CPU runtimes"); inputs are cast, outputs come back float32, the timestep
-    stays float32.
+    ``dtype`` (any name :func:`slimsd.precision.precision_of` takes) float32 (the reference),
+    float16 (CUDA) or bfloat16 (oneDNN's bf16 kernels on a CPU with AVX512-BF16 or AMX;
+    docs/serve.md "CPU runtimes" has the measurements); inputs are cast, outputs come back
+    float32, the timestep stays float32. The modules are called through the export wrappers
+    (:meth:`slimsd.specs.ComponentSpec.wrap`), so outputs are named as in the specs.
     """
 
     DTYPES = ("float32", "float16", "bfloat16")
@@ -47,43 +50,34 @@ class TorchRunners:
 
         self.folder = Path(folder)
         self.device = pick_device(device)
-        if dtype not in self.DTYPES:
-            raise ValueError(f"dtype: must be one of {', '.join(self.DTYPES)}; got {dtype!r}")
-        if dtype == "float16" and self.device == "cpu":
+        try:
+            self.precision = precision_of(dtype, "dtype")
+        except ValueError:
+            raise ValueError(f"dtype: must be one of {', '.join(self.DTYPES)}; got {dtype!r}") from None
+        if self.precision == "fp16" and self.device == "cpu":
             raise ValueError("float16 needs a CUDA device with the torch backend (on a CPU: bfloat16)")
-        self.dtype = getattr(torch, dtype)
+        self.dtype = getattr(torch, dtype_name(self.precision))
         if threads:
             torch.set_num_threads(threads)
-        self.modules = {name: load_module(self.folder, name, self.dtype).to(self.device).eval()
-                        for name in SOURCE_SUBFOLDER}
+        self.specs = component_specs(self.folder, dynamic_hw=True)  # eager modules take any valid size
+        self.modules = {name: spec.load_module(self.folder, self.dtype).to(self.device).eval()
+                        for name, spec in self.specs.items()}
+        self._wrapped = {name: spec.wrap(self.modules[name]) for name, spec in self.specs.items()}
 
-    def _in(self, a: np.ndarray, dtype=None):
+    def _in(self, name: str, a: np.ndarray):
         import torch
 
         t = torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
-        return t.to(dtype or self.dtype) if t.is_floating_point() else t
+        if not t.is_floating_point():
+            return t
+        # timestep stays float32 (as in the ONNX spec): fractional Euler timesteps survive
+        return t.to(torch.float32 if name == "timestep" else self.dtype)
 
-    @staticmethod
-    def _out(t) -> np.ndarray:
-        return t.float().cpu().numpy()
-
-    def text_encoder(self, input_ids):
+    def run(self, name: str, **inputs) -> dict[str, np.ndarray]:
         import torch
 
+        spec = self.specs[name]
         with torch.inference_mode():
-            return self._out(self.modules["text_encoder"](self._in(input_ids), return_dict=False)[0])
-
-    def unet(self, sample, timestep, encoder_hidden_states):
-        import torch
-
-        with torch.inference_mode():
-            # timestep stays float32 (as in the ONNX spec): fractional Euler timesteps survive
-            out = self.modules["unet"](self._in(sample), self._in(timestep, torch.float32),
-                                       self._in(encoder_hidden_states), return_dict=False)[0]
-            return self._out(out)
-
-    def vae_decoder(self, latent_sample):
-        import torch
-
-        with torch.inference_mode():
-            return self._out(self.modules["vae_decoder"].decode(self._in(latent_sample), return_dict=False)[0])
+            out = self._wrapped[name](*(self._in(t.name, inputs[t.name]) for t in spec.inputs))
+        out = out if isinstance(out, tuple) else (out,)
+        return {n: t.float().cpu().numpy() for n, t in zip(spec.output_names, out)}

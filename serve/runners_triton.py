@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from slimsd.runners import ComponentRunners
 from slimsd.specs import COMPONENTS, ComponentSpec
 
 
@@ -42,7 +43,7 @@ def _strip_scheme(url: str) -> str:
     return url
 
 
-class TritonRunners:
+class TritonRunners(ComponentRunners):
     def __init__(self, urls: str | Sequence[str], specs: dict[str, ComponentSpec], protocol: str = "grpc",
                  models: dict[str, str] | None = None, timeout_s: float = 60.0, client_factory=None):
         """``specs``: :func:`slimsd.specs.component_specs` of the ONNX export Triton serves.
@@ -81,8 +82,8 @@ class TritonRunners:
     def build_inputs(self, component: str, **arrays) -> list:
         """``InferInput`` objects named, typed and shaped by the spec."""
         inputs = []
-        for t in self.specs[component].inputs:
-            a = np.ascontiguousarray(arrays[t.name], dtype=t.numpy_dtype)
+        spec = self.specs[component]
+        for t, a in zip(spec.inputs, spec.cast_inputs(arrays).values()):
             inp = self.m.InferInput(t.name, list(a.shape), t.wire_dtype)
             if self.protocol == "http":
                 inp.set_data_from_numpy(a, binary_data=True)  # raw bytes, not a JSON list of floats
@@ -91,23 +92,14 @@ class TritonRunners:
             inputs.append(inp)
         return inputs
 
-    def call(self, component: str, **arrays) -> np.ndarray:
-        name = self.specs[component].main_output
-        outputs = [self.m.InferRequestedOutput(name, binary_data=True) if self.protocol == "http"
-                   else self.m.InferRequestedOutput(name)]
+    def run(self, name: str, **inputs) -> dict[str, np.ndarray]:
+        """One ``infer`` of model ``name`` asking for its main output only."""
+        out_name = self.specs[name].main_output
+        outputs = [self.m.InferRequestedOutput(out_name, binary_data=True) if self.protocol == "http"
+                   else self.m.InferRequestedOutput(out_name)]
         kw = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
-        result = self._client().infer(self.models[component], self.build_inputs(component, **arrays),
-                                      outputs=outputs, **kw)
-        out = result.as_numpy(name)
+        result = self._client().infer(self.models[name], self.build_inputs(name, **inputs), outputs=outputs, **kw)
+        out = result.as_numpy(out_name)
         if out is None:
-            raise RuntimeError(f"triton model {self.models[component]!r} returned no {name!r}")
-        return np.array(out, dtype=np.float32)  # a writable copy: the client's array views its buffer
-
-    def text_encoder(self, input_ids):
-        return self.call("text_encoder", input_ids=input_ids)
-
-    def unet(self, sample, timestep, encoder_hidden_states):
-        return self.call("unet", sample=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states)
-
-    def vae_decoder(self, latent_sample):
-        return self.call("vae_decoder", latent_sample=latent_sample)
+            raise RuntimeError(f"triton model {self.models[name]!r} returned no {out_name!r}")
+        return {out_name: np.array(out, dtype=np.float32)}  # a writable copy: the client's array views its buffer

@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from slimsd.precision import ExportDtype, RequestedPrecision
+
 Backend = Literal["auto", "onnxruntime", "openvino", "torch", "tensorrt", "triton"]
 BACKENDS: tuple[str, ...] = ("onnxruntime", "openvino", "torch", "tensorrt", "triton")
 
@@ -33,12 +35,12 @@ class ServeSettings(BaseModel):
     onnx_dir: Path | None = Field(None, description="existing `slimsd export onnx` folder; default: exported "
                                                     "into the cache on start-up")
     cache_dir: Path | None = Field(None, description="default $SLIMSD_CACHE/onnx (~/.cache/slimsd/onnx)")
-    dtype: Literal["float32", "float16"] = Field("float32", description="export / torch dtype (float16 needs a GPU)")
+    dtype: ExportDtype = Field("float32", description="export / torch dtype (float16 needs a GPU)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device; cpu also pins ONNX Runtime to "
                                                    "its CPU provider")
     threads: int | None = Field(None, ge=1, description="intra-op threads of ONNX Runtime / OpenVINO / torch "
                                                        "(default: all)")
-    precision: Literal["auto", "bf16", "f32"] = Field("auto", description="CPU precision of openvino and torch: auto "
+    precision: RequestedPrecision = Field("auto", description="CPU precision of openvino and torch: auto "
                                                       "= openvino bf16 where the CPU supports it, torch --dtype; with "
                                                       "backend auto, f32 keeps onnxruntime fp32 and bf16 forces bf16")
     openvino_cache: bool = Field(True, description="openvino: keep compiled models in <onnx dir>/openvino "

@@ -237,8 +237,9 @@ def resolve_model(spec: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"model {s!r}: not a preset ({', '.join(PRESETS)}), a folder, or a hub id")
 
 
-def load_pipeline(spec: str | os.PathLike, dtype=None, scheduler: str | None = None):
-    """``StableDiffusionPipeline`` for ``spec`` (see :func:`resolve_model`)."""
+def load_pipeline(spec: str | os.PathLike, dtype=None):
+    """diffusers' ``StableDiffusionPipeline`` for ``spec`` (see :func:`resolve_model`); serve's loader
+    of a served pipeline is ``slimsd.serve.pipeline.load_served_pipeline``."""
     import torch
     from diffusers import StableDiffusionPipeline
 

@@ -46,9 +46,14 @@ from typing import Mapping
 
 import numpy as np
 
+from slimsd.precision import EXPORT_DTYPES
+
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 SOURCE_SUBFOLDER = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae"}
-DTYPES = ("float32", "float16")
+# the output the denoising loop reads: the first output of each spec (runners that hold no
+# specs, e.g. TensorRT's engines, look it up here)
+MAIN_OUTPUT = {"text_encoder": "last_hidden_state", "unet": "out_sample", "vae_decoder": "sample"}
+DTYPES = EXPORT_DTYPES  # what an export stores: float32 | float16
 
 # dtype name -> (numpy dtype, ONNX TensorProto elem type, Triton data type)
 _TYPES = {
@@ -195,7 +200,7 @@ class ComponentSpec:
     def main_output(self) -> str:
         """The output the denoising loop reads: the first one (``last_hidden_state``, ``out_sample``,
         ``sample``)."""
-        return self.outputs[0].name
+        return MAIN_OUTPUT[self.name]
 
     @property
     def input_names(self) -> list[str]:
@@ -402,7 +407,7 @@ def _specs_from_dims(d: ModelDims, dtype: str, dynamic_hw: bool) -> dict[str, Co
         "text_encoder": ComponentSpec(
             "text_encoder",
             inputs=(TensorSpec("input_ids", "int64", (B, L)),),
-            outputs=(TensorSpec("last_hidden_state", dtype, (B, L, d.text_hidden_size)),
+            outputs=(TensorSpec(MAIN_OUTPUT["text_encoder"], dtype, (B, L, d.text_hidden_size)),
                      TensorSpec("pooler_output", dtype, (B, d.text_hidden_size))),
             **kw),
         "unet": ComponentSpec(
@@ -410,12 +415,12 @@ def _specs_from_dims(d: ModelDims, dtype: str, dynamic_hw: bool) -> dict[str, Co
             inputs=(TensorSpec("sample", dtype, (B, d.unet_in_channels, lat_h, lat_w)),
                     TensorSpec("timestep", "float32", (B,)),
                     TensorSpec("encoder_hidden_states", dtype, (B, L, d.cross_attention_dim))),
-            outputs=(TensorSpec("out_sample", dtype, (B, d.unet_out_channels, lat_h, lat_w)),),
+            outputs=(TensorSpec(MAIN_OUTPUT["unet"], dtype, (B, d.unet_out_channels, lat_h, lat_w)),),
             **kw),
         "vae_decoder": ComponentSpec(
             "vae_decoder",
             inputs=(TensorSpec("latent_sample", dtype, (B, d.latent_channels, lat_h, lat_w)),),
-            outputs=(TensorSpec("sample", dtype, (B, d.image_channels, img_h, img_w)),),
+            outputs=(TensorSpec(MAIN_OUTPUT["vae_decoder"], dtype, (B, d.image_channels, img_h, img_w)),),
             **kw),
     }
 

@@ -39,10 +39,10 @@ def onnx_dir(tmp_path_factory):
 
 
 def _load(onnx_dir, **kw):
-    from slimsd.serve.pipeline import load_pipeline
+    from slimsd.serve.pipeline import load_served_pipeline
     from slimsd.serve.settings import ServeSettings
 
-    return load_pipeline(ServeSettings(model="tiny-sd", onnx_dir=onnx_dir, **kw))
+    return load_served_pipeline(ServeSettings(model="tiny-sd", onnx_dir=onnx_dir, **kw))
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +186,7 @@ def test_bad_precision_is_a_clear_error_naming_the_field(capsys):
 def test_auto_backend_choice(monkeypatch):
     """The size- and CPU-aware rule of docs/serve.md "CPU runtimes", case by case."""
     from slimsd.serve import runners_openvino as rov
-    from slimsd.serve.pipeline import SMALL_UNET_PARAMS, choose_backend
+    from slimsd.serve.backends import SMALL_UNET_PARAMS, choose_backend
     from slimsd.serve.settings import ServeSettings
 
     sd, tiny = 865_910_724, 3_390_000  # SD v2.1-base U-Net, tiny-sd U-Net

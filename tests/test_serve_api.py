@@ -25,11 +25,11 @@ PROMPT = "a red circle left of a blue square"
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
-    from slimsd.serve.pipeline import load_pipeline
+    from slimsd.serve.pipeline import load_served_pipeline
     from slimsd.serve.settings import ServeSettings
 
     cache = tmp_path_factory.getbasetemp() / "slimsd-cache" / "onnx"  # shared with the other serve tests
-    return load_pipeline(ServeSettings(model="tiny-sd", backend="onnxruntime", cache_dir=cache))
+    return load_served_pipeline(ServeSettings(model="tiny-sd", backend="onnxruntime", cache_dir=cache))
 
 
 def wait_ready(c, timeout: float = 30.0):

@@ -36,18 +36,18 @@ def onnx_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ort_pipe(onnx_dir):
-    from slimsd.serve.pipeline import load_pipeline
+    from slimsd.serve.pipeline import load_served_pipeline
     from slimsd.serve.settings import ServeSettings
 
-    return load_pipeline(ServeSettings(model="tiny-sd", backend="onnxruntime", onnx_dir=onnx_dir))
+    return load_served_pipeline(ServeSettings(model="tiny-sd", backend="onnxruntime", onnx_dir=onnx_dir))
 
 
 @pytest.fixture(scope="module")
 def torch_pipe():
-    from slimsd.serve.pipeline import load_pipeline
+    from slimsd.serve.pipeline import load_served_pipeline
     from slimsd.serve.settings import ServeSettings
 
-    return load_pipeline(ServeSettings(model="tiny-sd", backend="torch"))
+    return load_served_pipeline(ServeSettings(model="tiny-sd", backend="torch"))
 
 
 @pytest.fixture(scope="module")
