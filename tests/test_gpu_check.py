@@ -65,8 +65,10 @@ def test_dry_run_runs_every_part_and_writes_finite_numbers(dry_run):
     assert m["cpu"] and m["torch"] and "gpu" in m  # the CPU line from slimsd.hardware; no GPU here
 
     tests = d["parts"]["tests"]["result"]
-    assert tests["counts"].get("skipped", 0) >= 2 and not tests["counts"].get("failed")
+    assert tests["counts"].get("skipped", 0) >= 1 and not tests["counts"].get("failed")
     assert all("needs a CUDA GPU" in s for s in tests["skipped"])
+    assert "tests/test_gpu_check.py" in tests["files"] and "tests/test_export.py" in tests["files"]
+    assert "-k 'not tensorrt'" in tests["command"] and "tensorrt package is not installed" in tests["note"]
 
     train = d["parts"]["train"]["result"]
     assert train["checks"]["stage 1: resumed run continued after the checkpoint"]
