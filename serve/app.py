@@ -69,58 +69,33 @@ def live(request: Request):
 @health.get("/health/ready", response_model=Health, responses={503: {"model": ErrorResponse}})
 def ready(request: Request):
     engine = _engine(request)
-    if engine.ready and not engine.draining:
-        return Health(status="ok", model=engine.pipeline.name, backend=engine.pipeline.backend)
     engine.check_open()  # raises the reason (loading / failed / draining) -> 503 in the error shape
-    raise APIError(503, "not ready", code="not_ready")  # pragma: no cover - check_open always raises here
+    return Health(status="ok", model=engine.pipeline.name, backend=engine.pipeline.backend)
 
 
 # -- the API ----------------------------------------------------------------------------------
 api = APIRouter(dependencies=[Depends(require_key)], responses=_ERRORS)
 
-OPENAI_FIELDS = {"steps": "num_inference_steps", "guidance": "guidance_scale"}
-
-
 @api.post("/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True,
           tags=["openai"])
 async def images_generations(body: ImageGenerationRequest, request: Request):
-    engine, settings = _engine(request), _settings(request)
-    if body.response_format == "url":
-        raise APIError(400, "response_format: 'url' is not supported (images are not stored); "
-                            "use 'b64_json'", "response_format", "unsupported_value")
-    if body.model is not None and engine.pipeline is not None and body.model != engine.pipeline.name:
-        raise APIError(404, f"model: {body.model!r} is not served here; this server serves "
-                            f"{engine.pipeline.name!r}", "model", "model_not_found")
-    p = service.resolve(engine, settings, prompt=body.prompt, negative_prompt=body.negative_prompt, n=body.n,
-                        size=service.size_of(body.size), steps=body.num_inference_steps,
-                        guidance=body.guidance_scale, seed=body.seed, scheduler=body.scheduler, fields=OPENAI_FIELDS)
+    engine = _engine(request)
+    p = body.to_params(engine, _settings(request))
     images = await service.run(engine, p)
     return ImagesResponse(created=int(time.time()),
                           data=[ImageData(b64_json=service.png_b64(im), seed=p.seed + i) for i, im in enumerate(images)])
 
 
-A1111_FIELDS = {"n": "batch_size", "steps": "steps", "guidance": "cfg_scale", "size": "width/height",
-                "scheduler": "sampler_name"}
-
-
 @api.post("/sdapi/v1/txt2img", response_model=Txt2ImgResponse, tags=["automatic1111"])
 async def txt2img(body: Txt2ImgRequest, request: Request):
-    engine, settings = _engine(request), _settings(request)
-    size = None
-    if body.width is not None or body.height is not None:
-        h0, w0 = engine.pipeline.image_size if engine.pipeline else (0, 0)
-        size = (body.width or w0, body.height or h0)
-    p = service.resolve(engine, settings, prompt=body.prompt, negative_prompt=body.negative_prompt,
-                        n=body.batch_size * body.n_iter, size=size, steps=body.steps, guidance=body.cfg_scale,
-                        seed=body.seed, scheduler=service.a1111_sampler(body.sampler_name or body.sampler_index),
-                        fields=A1111_FIELDS)
+    engine = _engine(request)
+    p = body.to_params(engine, _settings(request))
     images = await service.run(engine, p)
-    parameters = body.model_dump()
     info = {"prompt": p.prompt, "negative_prompt": p.negative_prompt, "seed": p.seed,
             "all_seeds": [p.seed + i for i in range(p.n)], "steps": p.steps, "cfg_scale": p.guidance,
             "width": p.width, "height": p.height, "sampler_name": p.scheduler, "sd_model_name": engine.pipeline.name,
             "batch_size": p.n}
-    return Txt2ImgResponse(images=[service.png_b64(im) for im in images], parameters=parameters,
+    return Txt2ImgResponse(images=[service.png_b64(im) for im in images], parameters=body.model_dump(),
                            info=json.dumps(info))
 
 

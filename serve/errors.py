@@ -29,14 +29,27 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.headers = headers or {}
-        self.type = type or TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        self.type = type or error_type(status)
+
+
+def bad_request(field: str, message: str, code: str = "invalid_value") -> APIError:
+    """A 400 whose message starts with the field it is about (as the client spelled it)."""
+    return APIError(400, f"{field}: {message}", field, code)
+
+
+def error_type(status: int) -> str:
+    return TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None,
+               type: str | None = None) -> dict:
+    """``{"error": {"message", "type", "param", "code"}}``: the one error shape (routes and middleware)."""
+    return {"error": {"message": message, "type": type or error_type(status), "param": param, "code": code}}
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    headers: dict[str, str] | None = None, type: str | None = None) -> JSONResponse:
-    t = type or TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    body = {"error": {"message": message, "type": t, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_body(status, message, param, code, type), status_code=status, headers=headers)
 
 
 def _field(loc) -> str | None:

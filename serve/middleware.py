@@ -11,6 +11,7 @@ import time
 
 from starlette.exceptions import HTTPException
 
+from .errors import error_body
 from .metrics import Metrics
 
 
@@ -21,13 +22,8 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"request body exceeds the limit of {limit} bytes")
 
 
-def _error_body(status: int, message: str, code: str) -> bytes:
-    t = "invalid_request_error" if status < 500 else "server_error"
-    return json.dumps({"error": {"message": message, "type": t, "param": None, "code": code}}).encode()
-
-
 async def _send_error(send, status: int, message: str, code: str) -> None:
-    body = _error_body(status, message, code)
+    body = json.dumps(error_body(status, message, None, code)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})

@@ -2,7 +2,9 @@
 
 Only checks that need no settings live here (types, ranges that hold for any model, the
 ``WxH`` format); limits that come from settings or the model (largest size, ``n``, steps, prompt
-length) are checked in :mod:`slimsd.serve.service`, with the same error shape.
+length) are checked in :mod:`slimsd.serve.service`, with the same error shape. Each request
+model converts itself to the service's parameters (``to_params``, after vLLM's
+``to_sampling_params``), naming fields as its API spells them.
 Unknown fields are ignored, as the OpenAI API and AUTOMATIC1111 do (``quality``, ``style``,
 ``user``, ``enable_hr``, ... have no meaning here).
 """
@@ -10,7 +12,7 @@ Unknown fields are ignored, as the OpenAI API and AUTOMATIC1111 do (``quality``,
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -65,6 +67,26 @@ class ImageGenerationRequest(BaseModel):
             parse_size(v)
         return v
 
+    FIELDS: ClassVar[dict[str, str]] = {"steps": "num_inference_steps", "guidance": "guidance_scale"}
+
+    def to_params(self, engine, settings):
+        """This request as :class:`~slimsd.serve.service.GenerationParams`: defaults filled, limits checked."""
+        from .errors import APIError, bad_request
+        from .service import Limits
+
+        if self.response_format == "url":
+            raise bad_request("response_format", "'url' is not supported (images are not stored); use 'b64_json'",
+                              "unsupported_value")
+        pipe = engine.pipeline
+        if self.model is not None and pipe is not None and self.model != pipe.name:
+            raise APIError(404, f"model: {self.model!r} is not served here; this server serves {pipe.name!r}",
+                           "model", "model_not_found")
+        size = None if self.size in (None, "auto") else parse_size(self.size)
+        return Limits.of(engine, settings).resolve(
+            prompt=self.prompt, negative_prompt=self.negative_prompt, n=self.n, size=size,
+            steps=self.num_inference_steps, guidance=self.guidance_scale, seed=self.seed, scheduler=self.scheduler,
+            fields=self.FIELDS)
+
 
 class ImageData(BaseModel):
     b64_json: str
@@ -99,6 +121,23 @@ class Txt2ImgRequest(BaseModel):
     @classmethod
     def _prompt(cls, v):
         return _not_blank(v)
+
+    FIELDS: ClassVar[dict[str, str]] = {"n": "batch_size", "steps": "steps", "guidance": "cfg_scale",
+                                        "size": "width/height", "scheduler": "sampler_name"}
+
+    def to_params(self, engine, settings):
+        """This request as :class:`~slimsd.serve.service.GenerationParams`: defaults filled, limits checked."""
+        from .service import Limits, a1111_sampler
+
+        scheduler = a1111_sampler(self.sampler_name or self.sampler_index)
+        limits = Limits.of(engine, settings)
+        size = None
+        if self.width is not None or self.height is not None:
+            h0, w0 = limits.image_size
+            size = (self.width or w0, self.height or h0)
+        return limits.resolve(prompt=self.prompt, negative_prompt=self.negative_prompt, n=self.batch_size * self.n_iter,
+                              size=size, steps=self.steps, guidance=self.cfg_scale, seed=self.seed,
+                              scheduler=scheduler, fields=self.FIELDS)
 
 
 class Txt2ImgResponse(BaseModel):

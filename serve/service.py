@@ -1,7 +1,9 @@
 """Between the routes and the engine: limits from settings and model, jobs, PNG encoding.
 
-Both APIs (OpenAI, AUTOMATIC1111) become one :class:`GenerationParams`, checked once by
-:func:`check` and run by :func:`run`; routes only translate shapes.
+Each API's request model converts itself (``to_params``, after vLLM's ``to_sampling_params``)
+into one :class:`GenerationParams` through :meth:`Limits.resolve`, which fills the model's
+defaults and checks every limit once; a failed check is one :func:`bad_request` naming the
+field as that API spells it. Routes only translate shapes.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .engine import BatchKey, Engine, Job
-from .errors import APIError
+from .errors import bad_request
 from .pipeline import SCHEDULERS
-from .schemas import MAX_SEED, parse_size
+from .schemas import MAX_SEED
 from .settings import ServeSettings
 
 # AUTOMATIC1111 sampler names -> ours (ours are accepted too)
@@ -37,56 +39,73 @@ class GenerationParams:
     scheduler: str
 
 
-def resolve(engine: Engine, settings: ServeSettings, *, prompt: str, negative_prompt: str | None, n: int,
-            size: tuple[int, int] | None, steps: int | None, guidance: float | None, seed: int | None,
-            scheduler: str | None, fields: dict[str, str]) -> GenerationParams:
-    """Fill defaults from the model and check every limit; ``fields`` maps our names to the API's."""
-    pipe = engine.pipeline
-    if pipe is None:
-        engine.check_open()  # raises NotReady / Draining with the reason
-    f = fields.get
-    if len(prompt) > settings.max_prompt_chars:
-        raise APIError(400, f"{f('prompt', 'prompt')}: {len(prompt)} characters, at most "
-                            f"{settings.max_prompt_chars} allowed", f("prompt", "prompt"), "prompt_too_long")
-    if negative_prompt and len(negative_prompt) > settings.max_prompt_chars:
-        raise APIError(400, f"{f('negative_prompt', 'negative_prompt')}: {len(negative_prompt)} characters, at most "
-                            f"{settings.max_prompt_chars} allowed", f("negative_prompt", "negative_prompt"),
-                       "prompt_too_long")
-    if not 1 <= n <= settings.max_n:
-        raise APIError(400, f"{f('n', 'n')}: must be between 1 and {settings.max_n}, got {n}", f("n", "n"),
-                       "invalid_value")
-    steps = pipe.defaults.steps if steps is None else steps
-    if not 1 <= steps <= settings.max_steps:
-        raise APIError(400, f"{f('steps', 'steps')}: must be between 1 and {settings.max_steps}, got {steps}",
-                       f("steps", "steps"), "invalid_value")
-    guidance = pipe.defaults.guidance if guidance is None else guidance
-    if not 0 <= guidance <= settings.max_guidance:
-        raise APIError(400, f"{f('guidance', 'guidance')}: must be between 0 and {settings.max_guidance:g}, "
-                            f"got {guidance:g}", f("guidance", "guidance"), "invalid_value")
-    h0, w0 = pipe.image_size
-    width, height = size or (w0, h0)
-    limit = settings.max_size or 2 * max(h0, w0)
-    if width > limit or height > limit:
-        raise APIError(400, f"{f('size', 'size')}: {width}x{height} exceeds the maximum of {limit} px per side",
-                       f("size", "size"), "size_too_large")
-    m = pipe.dims.hw_multiple  # VAE factor x the U-Net's down-sampling: 64 px for SD and tiny-sd
-    if width % m or height % m:
-        raise APIError(400, f"{f('size', 'size')}: {width}x{height} not supported by this model: width and "
-                            f"height must be multiples of {m} px", f("size", "size"), "unsupported_size")
-    try:
-        pipe.check_size(height, width)
-    except ValueError as e:  # a static-shape export (--onnx-dir made without --dynamic-hw)
-        raise APIError(400, f"{f('size', 'size')}: {width}x{height} not supported by this backend: {e}",
-                       f("size", "size"), "unsupported_size") from None
-    scheduler = scheduler or pipe.default_scheduler
-    if scheduler not in SCHEDULERS:
-        raise APIError(400, f"{f('scheduler', 'scheduler')}: unknown {scheduler!r}; choose one of "
-                            f"{', '.join(SCHEDULERS)}", f("scheduler", "scheduler"), "invalid_value")
-    if seed is None or seed < 0:  # random, but reported back so the image can be reproduced
-        seed = secrets.randbelow(2**32)
-    seed = min(int(seed), MAX_SEED)
-    return GenerationParams(prompt, negative_prompt or "", n, width, height, int(steps), float(guidance), seed,
-                            scheduler)
+@dataclass
+class Limits:
+    """What a request may ask for: the settings' limits and the loaded model's sizes and defaults."""
+
+    settings: ServeSettings
+    pipeline: object  # slimsd.serve.pipeline.Pipeline
+
+    @classmethod
+    def of(cls, engine: Engine, settings: ServeSettings) -> "Limits":
+        if engine.pipeline is None:
+            engine.check_open()  # raises NotReady / Draining with the reason
+        return cls(settings, engine.pipeline)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.pipeline.image_size
+
+    def resolve(self, *, prompt: str, negative_prompt: str | None, n: int, size: tuple[int, int] | None,
+                steps: int | None, guidance: float | None, seed: int | None, scheduler: str | None,
+                fields: dict[str, str]) -> GenerationParams:
+        """Fill defaults from the model and check every limit; ``fields`` maps our names to the API's."""
+        cfg, pipe = self.settings, self.pipeline
+
+        def f(name: str) -> str:
+            return fields.get(name, name)
+
+        for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt or "")):
+            if len(text) > cfg.max_prompt_chars:
+                raise bad_request(f(name), f"{len(text)} characters, at most {cfg.max_prompt_chars} allowed",
+                                  "prompt_too_long")
+        steps = pipe.defaults.steps if steps is None else steps
+        guidance = pipe.defaults.guidance if guidance is None else guidance
+        for name, value, hi in (("n", n, cfg.max_n), ("steps", steps, cfg.max_steps)):
+            if not 1 <= value <= hi:
+                raise bad_request(f(name), f"must be between 1 and {hi}, got {value}")
+        if not 0 <= guidance <= cfg.max_guidance:
+            raise bad_request(f("guidance"), f"must be between 0 and {cfg.max_guidance:g}, got {guidance:g}")
+        width, height = self._check_size(size, f("size"))
+        scheduler = scheduler or pipe.default_scheduler
+        if scheduler not in SCHEDULERS:
+            raise bad_request(f("scheduler"), f"unknown {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if seed is None or seed < 0:  # random, but reported back so the image can be reproduced
+            seed = secrets.randbelow(2**32)
+        return GenerationParams(prompt, negative_prompt or "", n, width, height, int(steps), float(guidance),
+                                min(int(seed), MAX_SEED), scheduler)
+
+    def _check_size(self, size: tuple[int, int] | None, field: str) -> tuple[int, int]:
+        h0, w0 = self.image_size
+        width, height = size or (w0, h0)
+        limit = self.settings.max_size or 2 * max(h0, w0)
+        if width > limit or height > limit:
+            raise bad_request(field, f"{width}x{height} exceeds the maximum of {limit} px per side", "size_too_large")
+        m = self.pipeline.dims.hw_multiple  # VAE factor x the U-Net's down-sampling: 64 px for SD and tiny-sd
+        if width % m or height % m:
+            raise bad_request(field, f"{width}x{height} not supported by this model: width and height must be "
+                                     f"multiples of {m} px", "unsupported_size")
+        try:
+            self.pipeline.check_size(height, width)
+        except ValueError as e:  # a static-shape export (--onnx-dir made without --dynamic-hw)
+            raise bad_request(field, f"{width}x{height} not supported by this backend: {e}",
+                              "unsupported_size") from None
+        return width, height
+
+
+def resolve(engine: Engine, settings: ServeSettings, **request) -> GenerationParams:
+    """:meth:`Limits.resolve` against the engine's model (NotReady / Draining while there is none)."""
+    return Limits.of(engine, settings).resolve(**request)
 
 
 async def run(engine: Engine, p: GenerationParams) -> np.ndarray:
@@ -103,10 +122,6 @@ def png_b64(image: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def size_of(value: str | None) -> tuple[int, int] | None:
-    return None if value in (None, "auto") else parse_size(value)
-
-
 def a1111_sampler(name: str | None) -> str | None:
     if name is None or name == "":
         return None
@@ -116,5 +131,4 @@ def a1111_sampler(name: str | None) -> str | None:
     if key in A1111_SAMPLERS and A1111_SAMPLERS[key]:
         return A1111_SAMPLERS[key]
     offered = ["DDIM", "Euler", "Euler a", "DPM++ 2M"]
-    raise APIError(400, f"sampler_name: {name!r} is not available; choose one of {', '.join(offered)}",
-                   "sampler_name", "invalid_value")
+    raise bad_request("sampler_name", f"{name!r} is not available; choose one of {', '.join(offered)}")
