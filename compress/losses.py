@@ -11,7 +11,7 @@ symbol                 meaning
 ``alpha_t, sigma_t``   sqrt(abar_t), sqrt(1 - abar_t);  z_t = alpha_t z_0 + sigma_t eps
 ``c``                  text condition; ``eps(z_t, t, c)`` noise prediction, ``eps(z_t, t, {})``
                        the unconditional one (empty prompt)
-``w``                  classifier-free guidance scale
+``w``                  classifier-free guidance scale, w ~ U[2, 14] once per batch (:func:`sample_guidance`)
 ``CFG(eps)``           eps_uncond + w (eps_cond - eps_uncond)
 ``x(theta, z_t, t, c)``  clean-latent prediction of model theta under CFG (eq. 1)
 ``T, S``               teacher, student
@@ -118,6 +118,7 @@ def loss_feature_kd(features_teacher: list[Tensor], features_student: list[Tenso
     return sum(F.mse_loss(s.float(), t.detach().float()) for t, s in zip(features_teacher, features_student))
 
 
-def sample_guidance(batch: int, low: float = 2.0, high: float = 14.0, generator=None, device=None) -> Tensor:
-    """w ~ U[low, high] per sample (SnapFusion's range for CFG-aware distillation)."""
-    return low + (high - low) * torch.rand(batch, generator=generator, device=device)
+def sample_guidance(low: float = 2.0, high: float = 14.0, generator: torch.Generator | None = None) -> float:
+    """w ~ U[low, high], ONE draw per batch: every sample of a batch is guided with the same w in
+    L_CfgKD (eq. 1) and L_StepReduc (eq. 3). SnapFusion's range [2, 14]; one number from ``generator``."""
+    return low + (high - low) * float(torch.rand((), generator=generator))
