@@ -165,8 +165,9 @@ def build_engine(job: EngineJob, timing_cache: Path, trt=None, log=print) -> Non
 
 def timing_cache_path(out: Path, env: dict) -> Path:
     """``OUT/timing-<tensorrt>-<gpu>.cache``: a timing cache is only valid for the TensorRT and GPU that timed it."""
-    slug = "".join(c if c.isalnum() or c in "-." else "_" for c in f"{env['tensorrt']}-{env['gpu']}")
-    return out / f"timing-{slug}.cache"
+    from slimsd.models import slug
+
+    return out / f"timing-{slug(env['tensorrt'] + '-' + env['gpu'])}.cache"
 
 
 def export_tensorrt(onnx_dir, out, cfg: TensorRTConfig | None = None, log=None) -> dict:

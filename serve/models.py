@@ -44,8 +44,9 @@ def onnx_cache_dir(model: str, folder: Path, dtype: str, dynamic_hw: bool, cache
     """``<cache>/<model>-<hash of resolved folder + settings>``: one export per source and settings."""
     key = f"{Path(folder).resolve()}|{dtype}|{'dynamic' if dynamic_hw else 'static'}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in model.strip("/").split("/")[-1])
-    return onnx_cache_root(cache_dir) / f"{slug}-{digest}"
+    from slimsd.models import slug
+
+    return onnx_cache_root(cache_dir) / f"{slug(model.strip('/').split('/')[-1])}-{digest}"
 
 
 @contextmanager

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 def component_params(spec) -> dict[str, int]:
     """Parameter count of U-Net, text encoder and VAE of a preset / folder / hub id."""
-    from slimsd.models import build_components, count_params, resolve_model
+    from slimsd.models import build_in_memory, count_params, resolve_model
     from slimsd.specs import component_specs
 
-    if str(spec) == "sd21-base-arch":  # never materialize 5 GB just to count
-        unet, vae, te, _, _ = build_components("sd21-base-arch", device="meta")
-        mods = {"unet": unet, "text_encoder": te, "vae": vae}
-    else:
+    mods = build_in_memory(spec, empty=True)  # never materialize 5 GB just to count
+    if mods is None:
         folder = resolve_model(spec)
         specs = component_specs(folder)
         mods = {specs[n].source: specs[n].load_module(folder, empty=True) for n in ("unet", "text_encoder", "vae_decoder")}
@@ -26,10 +24,8 @@ def info(spec) -> dict:
 def blocks_table(spec, latency: bool = True, latent_size: int | None = None, batch: int = 2) -> list[dict]:
     """Per-block params / MACs / latency of the U-Net (``slimsd info MODEL --blocks``)."""
     from slimsd.compress.profile import block_table
-    from slimsd.models import build_components, load_pipeline
+    from slimsd.models import build_in_memory, load_pipeline
 
-    if str(spec) == "sd21-base-arch":  # random weights: build in memory, no 5 GB folder needed
-        unet = build_components("sd21-base-arch")[0].eval()
-    else:
-        unet = load_pipeline(spec).unet
+    mods = build_in_memory(spec)  # random weights: build in memory, no 5 GB folder needed
+    unet = mods["unet"].eval() if mods else load_pipeline(spec).unet
     return block_table(unet, batch=batch, latent_size=latent_size, latency=latency)

@@ -114,6 +114,24 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SLIMSD_CACHE", Path.home() / ".cache" / "slimsd"))
 
 
+def slug(text: str) -> str:
+    """``text`` as one safe file-name part: letters, digits, ``-``, ``_`` and ``.`` kept, anything else ``_``."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(text))
+
+
+IN_MEMORY_PRESETS = ("sd21-base-arch",)  # random weights: built from configs, never read from a folder to count
+
+
+def build_in_memory(spec, empty: bool = False) -> dict | None:
+    """``{"unet", "text_encoder", "vae"}`` of a preset that needs no folder (``sd21-base-arch``: no
+    5 GB materialisation), on the meta device when ``empty``; None for every other model (load
+    it from :func:`resolve_model`'s folder)."""
+    if str(spec) not in IN_MEMORY_PRESETS:
+        return None
+    unet, vae, text_encoder, _, _ = build_components(str(spec), device="meta" if empty else "cpu")
+    return {"unet": unet, "text_encoder": text_encoder, "vae": vae}
+
+
 def build_components(preset: str, seed: int = 0, tokenizer_dir: str | Path | None = None, device="cpu"):
     """Randomly initialised ``(unet, vae, text_encoder, tokenizer, scheduler)`` of a preset.
 
@@ -190,6 +208,18 @@ def is_pipeline_folder(path: Path) -> bool:
     return (path / "model_index.json").is_file()
 
 
+def _verified_preset(folder: Path) -> Path:
+    """A committed preset folder whose every file matches its manifest.json (refused, naming the file,
+    when one is modified or missing); a preset without a manifest cannot be checked and is an error."""
+    from slimsd.manifest import MANIFEST, CorruptArtifactError, verify_manifest
+
+    data = verify_manifest(folder)
+    if not data or not data.get("files"):
+        raise CorruptArtifactError(f"{folder / MANIFEST}: missing or lists no files; the committed preset "
+                                   "cannot be verified (restore it from git)")
+    return folder
+
+
 def resolve_model(spec: str | os.PathLike) -> Path:
     """Local pipeline folder for a preset name, a folder path, or a hub id.
 
@@ -201,20 +231,14 @@ def resolve_model(spec: str | os.PathLike) -> Path:
             raise FileNotFoundError(
                 f"tiny-sd weights are missing from {TINY_SD_DIR}; rebuild them with `slimsd train-teacher`"
             )
-        from slimsd.manifest import verify_manifest
-
-        verify_manifest(TINY_SD_DIR)  # a corrupt committed artifact is refused, naming the file
-        return TINY_SD_DIR
+        return _verified_preset(TINY_SD_DIR)
     if s == "tiny-sd-slim":
         if not is_pipeline_folder(TINY_SD_SLIM_DIR):
             raise FileNotFoundError(
                 f"tiny-sd-slim is not built yet ({TINY_SD_SLIM_DIR} is missing); build it with "
                 "`slimsd compress build configs/tiny-sd-slim.json`"
             )
-        from slimsd.manifest import verify_manifest
-
-        verify_manifest(TINY_SD_SLIM_DIR)
-        return TINY_SD_SLIM_DIR
+        return _verified_preset(TINY_SD_SLIM_DIR)
     if s == "sd21-base-arch":
         out = cache_dir() / "sd21-base-arch"
         if not is_pipeline_folder(out):
