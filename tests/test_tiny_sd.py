@@ -1,7 +1,9 @@
 """The committed tiny-sd teacher: loads offline with plain diffusers, is intact, follows prompts, needs CFG."""
 
 import json
+import os
 import shutil
+import socket
 
 import pytest
 import torch
@@ -32,15 +34,62 @@ def test_manifest_records_training_and_metrics_and_matches_files():
     assert met["steps25_cfg7.5"]["attribute_accuracy"]["orient"] >= 0.95
 
 
-def test_a_modified_weight_file_is_refused(tmp_path):
-    copy = tmp_path / "tiny"
-    shutil.copytree(TINY_SD_DIR, copy)
-    f = copy / "unet" / "diffusion_pytorch_model.safetensors"
-    data = bytearray(f.read_bytes())
-    data[-10] ^= 0xFF
-    f.write_bytes(bytes(data))
+def _preset_copy(src, dst, tamper=None, drop=None):
+    """``src`` as links to its files, with ``tamper`` (a relative path) a modified real copy and ``drop`` absent."""
+    shutil.copytree(src, dst, copy_function=os.symlink)
+    if tamper:
+        f = dst / tamper
+        data = bytearray(f.read_bytes())
+        data[-10] ^= 0xFF
+        f.unlink()
+        f.write_bytes(bytes(data))
+    if drop:
+        (dst / drop).unlink()
+    return dst
+
+
+def test_a_modified_weight_file_is_refused_on_every_load_path(tmp_path, monkeypatch, capsys, caplog):
+    """The committed preset, tampered: load_pipeline, `slimsd evaluate` and `slimsd serve` refuse it,
+    naming the file (not only verify_manifest called by hand)."""
+    import slimsd.models as M
+    from slimsd.cli import main
+    from slimsd.serve.pipeline import load_pipeline as load_served
+    from slimsd.serve.settings import ServeSettings
+
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    copy = _preset_copy(TINY_SD_DIR, tmp_path / "tiny", tamper=weights)
     with pytest.raises(CorruptArtifactError, match="diffusion_pytorch_model.safetensors"):
         verify_manifest(copy)
+    monkeypatch.setattr(M, "TINY_SD_DIR", copy)
+    with pytest.raises(CorruptArtifactError, match=f"{copy / weights}: sha256 does not match"):
+        M.load_pipeline("tiny-sd")
+    with pytest.raises(CorruptArtifactError, match="diffusion_pytorch_model.safetensors"):
+        load_served(ServeSettings(model="tiny-sd", backend="onnxruntime", cache_dir=tmp_path / "onnx"))
+    assert not (tmp_path / "onnx").exists()  # refused before anything is exported
+
+    assert main(["evaluate", "tiny-sd", "--num-prompts", "2", "--steps", "2"]) == 2
+    assert f"{copy / weights}: sha256 does not match" in capsys.readouterr().err
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["serve", "tiny-sd", "--backend", "onnxruntime", "--port", str(port), "--no-warmup",
+                 "--cache-dir", str(tmp_path / "onnx")]) == 1  # exits: a server that can never be ready
+    assert f"{copy / weights}: sha256 does not match" in caplog.text
+
+
+@pytest.mark.parametrize("preset", ["tiny-sd", "tiny-sd-slim"])
+def test_a_preset_without_its_manifest_is_an_error(preset, tmp_path, monkeypatch):
+    """Deleting manifest.json must not silently switch the check off."""
+    import slimsd.models as M
+
+    attr = {"tiny-sd": "TINY_SD_DIR", "tiny-sd-slim": "TINY_SD_SLIM_DIR"}[preset]
+    copy = _preset_copy(getattr(M, attr), tmp_path / preset, drop="manifest.json")
+    monkeypatch.setattr(M, attr, copy)
+    with pytest.raises(CorruptArtifactError, match=f"{copy / 'manifest.json'}: missing"):
+        resolve_model(preset)
+    (copy / "manifest.json").write_text(json.dumps({"training": {}}))  # a manifest that lists nothing
+    with pytest.raises(CorruptArtifactError, match="lists no files"):
+        resolve_model(preset)
 
 
 def test_follows_heldout_prompts_and_guidance_matters():
