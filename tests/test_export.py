@@ -463,34 +463,113 @@ def test_tensorrt_without_gpu_is_a_clear_error(onnx_fp32, tmp_path, monkeypatch,
     assert plan["unet"]["profile"]["sample"] == [[1, 4, 8, 8], [2, 4, 8, 8], [8, 4, 8, 8]]
 
 
+def _fake_tensorrt():
+    """A stand-in ``tensorrt`` built from a spec of the TensorRT 10 Python API that build_engine uses
+    (class, method and argument names as in TensorRT 10): a call outside it, or with other arguments,
+    raises instead of being swallowed the way a bare MagicMock swallows everything."""
+    import enum
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, min_severity): ...
+
+    class ITimingCache:
+        def serialize(self): ...
+
+    class IOptimizationProfile:
+        def set_shape(self, input, min, opt, max): ...
+
+    class IBuilderConfig:
+        def set_memory_pool_limit(self, pool, pool_size): ...
+        def set_flag(self, flag): ...
+        def add_optimization_profile(self, profile): ...
+        def create_timing_cache(self, serialized_timing_cache): ...
+        def set_timing_cache(self, cache, ignore_mismatch): ...
+        def get_timing_cache(self): ...
+
+    class INetworkDefinition:
+        num_inputs = 3
+
+    class Builder:
+        def __init__(self, logger): ...
+        def create_network(self, flags=0): ...
+        def create_builder_config(self): ...
+        def create_optimization_profile(self): ...
+        def build_serialized_network(self, network, config): ...
+
+    class OnnxParser:
+        num_errors = 0
+
+        def __init__(self, network, logger): ...
+        def parse_from_file(self, model): ...
+        def get_error(self, index): ...
+
+    trt = types.SimpleNamespace(
+        __version__="10.3.0", Logger=mock.create_autospec(Logger), Builder=mock.create_autospec(Builder),
+        OnnxParser=mock.create_autospec(OnnxParser),
+        BuilderFlag=enum.Enum("BuilderFlag", "FP16 BF16 INT8 TF32 STRONGLY_TYPED"),
+        MemoryPoolType=enum.Enum("MemoryPoolType", "WORKSPACE DLA_MANAGED_SRAM"),
+        NetworkDefinitionCreationFlag=enum.Enum("NetworkDefinitionCreationFlag", "STRONGLY_TYPED"))
+    trt.Logger.WARNING = Logger.WARNING
+    builder = trt.Builder.return_value
+    builder.create_network.return_value = mock.create_autospec(INetworkDefinition, instance=True)
+    builder.create_builder_config.return_value = mock.create_autospec(IBuilderConfig, instance=True)
+    builder.create_optimization_profile.return_value = mock.create_autospec(IOptimizationProfile, instance=True)
+    timing = mock.create_autospec(ITimingCache, instance=True)
+    builder.create_builder_config.return_value.get_timing_cache.return_value = timing
+    return trt
+
+
 def test_build_engine_drives_the_tensorrt_api(onnx_fp32, tmp_path):
-    """build_engine with a stand-in ``tensorrt`` module: profile shapes, flags, timing cache."""
+    """build_engine against a spec of the TensorRT API: the min/opt/max profile is set and added to the
+    config, flags and workspace are set, and build_serialized_network gets that network and config."""
     from slimsd.export.tensorrt import build_engine, plan_engines
 
-    trt = mock.MagicMock()
-    trt.__version__ = "10.3.0"
+    trt = _fake_tensorrt()
     builder = trt.Builder.return_value
-    builder.build_serialized_network.return_value = b"PLAN"
+    network = builder.create_network.return_value
+    config = builder.create_builder_config.return_value
+    profile = builder.create_optimization_profile.return_value
     parser = trt.OnnxParser.return_value
     parser.parse_from_file.return_value = True
-    config = builder.create_builder_config.return_value
     config.get_timing_cache.return_value.serialize.return_value = b"CACHE"
+    at_build = {}
+
+    def build(net, cfg):  # what the config holds when the engine is built
+        at_build.update(profiles=[c.args for c in cfg.add_optimization_profile.call_args_list],
+                        flags=[c.args for c in cfg.set_flag.call_args_list])
+        return b"PLAN"
+
+    builder.build_serialized_network.side_effect = build
     cache = tmp_path / "timing.cache"
     cache.write_bytes(b"OLD")
     job = plan_engines(onnx_fp32, tmp_path / "engines")[1]
     build_engine(job, cache, trt=trt, log=lambda m: None)
+
     assert job.plan.read_bytes() == b"PLAN" and cache.read_bytes() == b"CACHE"
+    trt.Logger.assert_called_once_with(trt.Logger.WARNING)
+    builder.create_network.assert_called_once_with(0)  # explicit batch: TensorRT 10's only mode
+    trt.OnnxParser.assert_called_once_with(network, trt.Logger.return_value)
     parser.parse_from_file.assert_called_once_with(str(job.onnx))
-    builder.create_network.assert_called_once_with(0)
+    config.set_memory_pool_limit.assert_called_once_with(trt.MemoryPoolType.WORKSPACE, job.workspace_bytes)
+    assert profile.set_shape.call_args_list == [
+        mock.call("sample", (1, 4, 8, 8), (2, 4, 8, 8), (8, 4, 8, 8)),
+        mock.call("timestep", (1,), (2,), (8,)),
+        mock.call("encoder_hidden_states", (1, 77, 128), (2, 77, 128), (8, 77, 128))]
+    config.add_optimization_profile.assert_called_once_with(profile)
+    assert at_build == {"profiles": [(profile,)], "flags": [(trt.BuilderFlag.TF32,), (trt.BuilderFlag.FP16,)]}
+    builder.build_serialized_network.assert_called_once_with(network, config)
     config.create_timing_cache.assert_called_once_with(b"OLD")  # the previous cache is reused
-    config.set_flag.assert_any_call(trt.BuilderFlag.FP16)
-    profile = builder.create_optimization_profile.return_value
-    profile.set_shape.assert_any_call("sample", (1, 4, 8, 8), (2, 4, 8, 8), (8, 4, 8, 8))
-    assert profile.set_shape.call_count == 3
+    config.set_timing_cache.assert_called_once_with(config.create_timing_cache.return_value, ignore_mismatch=False)
+
+    builder.build_serialized_network.side_effect, builder.build_serialized_network.return_value = None, None
+    with pytest.raises(RuntimeError, match="unet: TensorRT engine build failed"):
+        build_engine(job, cache, trt=trt, log=lambda m: None)
     parser.parse_from_file.return_value = False
     parser.num_errors = 1
     parser.get_error.return_value = "unsupported op"
-    with pytest.raises(RuntimeError, match="unet: TensorRT could not parse"):
+    with pytest.raises(RuntimeError, match="unet: TensorRT could not parse .*unsupported op"):
         build_engine(job, cache, trt=trt, log=lambda m: None)
 
 
