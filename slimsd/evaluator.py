@@ -211,59 +211,175 @@ def save_grid(images, path: Path, cols: int = 8, captions=None) -> None:
         Path(path).with_suffix(".txt").write_text("\n".join(captions) + "\n")
 
 
-@torch.no_grad()
-def score_scene_images(images, prompts, seed: int = 0, evaluator: SceneClassifier | None = None) -> dict:
-    """FD and alignment of ``images`` generated for scene-grammar ``prompts``."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
+def _uint8_batch(images) -> torch.Tensor:
+    return torch.from_numpy(np.stack([np.asarray(im.convert("RGB").resize((64, 64))) for im in images])).permute(0, 3, 1, 2)
 
-    evaluator = evaluator or load_evaluator()
-    scenes = [parse_caption(p) for p in prompts]
-    fake = torch.from_numpy(np.stack([np.asarray(im.convert("RGB").resize((64, 64))) for im in images])).permute(0, 3, 1, 2)
-    # real reference: fresh renders of the very same scenes (other layouts/backgrounds)
+
+def _real_renders(scenes, seed: int) -> torch.Tensor:
+    """Fresh renders of the very same scenes (other layouts and backgrounds), uint8 (N, 3, 64, 64)."""
     from slimsd.data.scenes import render
 
-    rng = np.random.default_rng(seed + 10_000)
-    real = torch.from_numpy(np.stack([np.asarray(render(s, rng)) for s in scenes])).permute(0, 3, 1, 2)
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(np.stack([np.asarray(render(s, rng)) for s in scenes])).permute(0, 3, 1, 2)
+
+
+def _torchmetrics_fd(evaluator, real: torch.Tensor, fake: torch.Tensor) -> float:
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
     fid = FrechetInceptionDistance(feature=evaluator, normalize=False)
     fid.update(real, real=True)
     fid.update(fake, real=False)
+    return float(fid.compute())
+
+
+def _features(evaluator, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([evaluator.features(x[i : i + 512]) for i in range(0, len(x), 512)]).double()
+
+
+@torch.no_grad()
+def score_scene_images(images, prompts, seed: int = 0, evaluator: SceneClassifier | None = None,
+                       resamples: int | None = None, per_image: bool = False) -> dict:
+    """FD and alignment of ``images`` generated for scene-grammar ``prompts``, with 95% intervals.
+
+    Keys: ``alignment`` (all five attributes right) and ``alignment_ci`` (Wilson);
+    ``objects`` (both objects' colour and shape right, in either order) and ``objects_ci``;
+    ``order`` (the order right among the images with both objects right) and ``order_ci``;
+    ``fd`` (torchmetrics' FrechetInceptionDistance in the evaluator's features) and
+    ``fd_ci`` (bootstrap over prompts, :func:`slimsd.evalstats.bootstrap_fd`); ``fd_floor``,
+    a second set of real renders of the same prompts against the first (what a perfect model
+    would score at this prompt count and seed). ``per_image=True`` adds the per-prompt arrays
+    a paired comparison needs (``per_image``; not JSON).
+    """
+    from slimsd.evalstats import DEFAULT_RESAMPLES, bootstrap_fd, wilson
+
+    resamples = DEFAULT_RESAMPLES if resamples is None else resamples
+    evaluator = evaluator or load_evaluator()
+    scenes = [parse_caption(p) for p in prompts]
+    fake = _uint8_batch(images)
+    real = _real_renders(scenes, seed + 10_000)
+    real2 = _real_renders(scenes, seed + 20_000)
     pred = torch.cat([evaluator.predict(fake[i : i + 512]) for i in range(0, len(fake), 512)])
     target = torch.tensor([s.labels() for s in scenes])
     ok = pred == target
-    return {
-        "fd": float(fid.compute()),
-        "alignment": float(ok.all(1).float().mean()),
+    right = ok.all(1)
+    in_order = ok[:, 1:].all(1)  # colour and shape of A and of B, each in its place
+    swapped = (pred[:, 1:3] == target[:, 3:5]).all(1) & (pred[:, 3:5] == target[:, 1:3]).all(1)
+    objects = in_order | swapped
+    n, k_obj = len(images), int(objects.sum())
+    k_order = int((objects & in_order).sum())
+    result = {
+        "fd": _torchmetrics_fd(evaluator, real, fake),
+        "alignment": float(right.float().mean()), "alignment_ci": wilson(int(right.sum()), n),
+        "objects": k_obj / n, "objects_ci": wilson(k_obj, n),
+        "order": k_order / k_obj if k_obj else None, "order_ci": wilson(k_order, k_obj) if k_obj else None,
         "attribute_accuracy": {name: float(ok[:, j].float().mean()) for j, (name, _) in enumerate(HEADS)},
-        "num_images": len(images),
+        "num_images": n,
     }
+    f_fake, f_real = _features(evaluator, fake), _features(evaluator, real)
+    if resamples:
+        result["fd_ci"] = bootstrap_fd(f_fake, f_real, resamples=resamples, seed=seed)
+    result["fd_floor"] = _torchmetrics_fd(evaluator, real, real2)
+    if per_image:
+        result["per_image"] = {"prompts": list(prompts), "right": right.numpy(), "objects": objects.numpy(),
+                               "features": f_fake, "real_features": f_real}
+    return result
 
 
-def evaluate(model, steps: int = 25, guidance: float = 7.5, num_prompts: int = 256, seed: int = 0,
+def generate_sharded(generate_fn: GenerateFn, prompts: list, seeds: list, batch_size: int) -> list:
+    """``generate_fn`` over all prompts; under ``accelerate launch``, whole batches per process.
+
+    Batch ``j`` goes to process ``j % num_processes``, so every image is made in the same
+    batch as in a one-process run (the same numbers, not just the same distribution), then
+    the images are gathered to every process in prompt order. One process: a plain call.
+    """
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.num_processes == 1:
+        return generate_fn(prompts, seeds)
+    from accelerate.utils import gather_object
+
+    starts = list(range(0, len(prompts), batch_size))[state.process_index :: state.num_processes]
+    mine = [(i, [np.asarray(im.convert("RGB")) for im in generate_fn(prompts[i : i + batch_size],
+                                                                       seeds[i : i + batch_size])])
+            for i in starts]
+    gathered = sorted(gather_object(mine), key=lambda t: t[0])
+    from PIL import Image
+
+    return [Image.fromarray(a) for _, arrays in gathered for a in arrays]
+
+
+def evaluation_seeds(num_prompts: int, seed: int) -> list[int]:
+    return [seed * 100_003 + i for i in range(num_prompts)]
+
+
+def evaluate(model, steps: int = 25, guidance: float = 7.5, num_prompts: int = 1024, seed: int = 0,
              out: str | Path | None = None, split: str = "heldout", generate_fn: GenerateFn | None = None,
-             batch_size: int = 64) -> dict:
-    """Generate one image per held-out prompt and score it (FD, alignment).
+             batch_size: int = 64, resamples: int | None = None, per_image: bool = False) -> dict:
+    """Generate one image per held-out prompt and score it (FD, alignment, objects, order, CIs).
 
     ``model`` is a preset / folder / hub id (generated with diffusers' pipeline and a
-    DDIM scheduler) unless ``generate_fn`` is given (e.g. the ONNX serving pipeline).
+    DDIM scheduler) unless ``generate_fn`` is given (e.g. the ONNX serving pipeline). Under
+    ``accelerate launch`` the prompts are sharded across processes (:func:`generate_sharded`).
     """
     t0 = time.time()
     pairs = eval_prompts(num_prompts, seed=seed, split=split)
     prompts = [p for p, _ in pairs]
-    seeds = [seed * 100_003 + i for i in range(num_prompts)]
+    seeds = evaluation_seeds(num_prompts, seed)
     if generate_fn is None:
         from slimsd.models import load_pipeline
 
         generate_fn = diffusers_generate_fn(load_pipeline(model), steps, guidance, batch_size=batch_size)
-    images = generate_fn(prompts, seeds)
-    result = score_scene_images(images, prompts, seed=seed)
+    images = generate_sharded(generate_fn, prompts, seeds, batch_size)
+    t_gen = time.time() - t0
+    result = score_scene_images(images, prompts, seed=seed, resamples=resamples, per_image=per_image)
+    if per_image:
+        result["per_image"]["seeds"] = seeds
     result.update(model=str(model), steps=steps, guidance=guidance, num_prompts=num_prompts, seed=seed,
-                  split=split, wall_time_s=round(time.time() - t0, 1))
-    if out is not None:
+                  split=split, generate_s=round(t_gen, 1), wall_time_s=round(time.time() - t0, 1))
+    if out is not None and _is_main_process():
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         save_grid(images[:64], out / "samples.png", captions=prompts[:64])
-        (out / "metrics.json").write_text(json.dumps(result, indent=2))
+        (out / "metrics.json").write_text(json.dumps(_json_safe(result), indent=2))
     return result
+
+
+def compare(model_a, model_b, steps: int = 8, guidance: float = 7.5, steps_b: int | None = None,
+            guidance_b: float | None = None, num_prompts: int = 1024, seed: int = 0, split: str = "heldout",
+            batch_size: int = 64, resamples: int | None = None, generate_a: GenerateFn | None = None,
+            generate_b: GenerateFn | None = None, out: str | Path | None = None) -> dict:
+    """Paired comparison of A against B on the same prompts and seeds: A - B with 95% CIs.
+
+    Answers "is A as good as B?" with intervals (:func:`slimsd.evalstats.paired_compare`):
+    ``alignment_diff`` / ``objects_diff`` / ``fd_diff`` / ``fd_ratio``, each with ``_ci``,
+    and ``*_verdict`` ("unresolved" when the interval contains 0).
+    """
+    from slimsd.evalstats import DEFAULT_RESAMPLES, paired_compare
+
+    resamples = DEFAULT_RESAMPLES if resamples is None else resamples
+    kw = dict(num_prompts=num_prompts, seed=seed, split=split, batch_size=batch_size, resamples=resamples,
+              per_image=True)
+    a = evaluate(model_a, steps=steps, guidance=guidance, generate_fn=generate_a, **kw)
+    b = evaluate(model_b, steps=steps_b or steps, guidance=guidance if guidance_b is None else guidance_b,
+                 generate_fn=generate_b, **kw)
+    diff = paired_compare(a, b, resamples=resamples, seed=seed)
+    strip = lambda r: {k: v for k, v in r.items() if k != "per_image"}  # noqa: E731
+    result = {"a": strip(a), "b": strip(b), "a_minus_b": diff}
+    if out is not None and _is_main_process():
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "compare.json").write_text(json.dumps(_json_safe(result), indent=2))
+    return result
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def _json_safe(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "per_image"}
 
 
 def evaluate_coco(model, reference: str, steps: int = 25, guidance: float = 7.5, num_prompts: int = 5000,
@@ -283,17 +399,17 @@ def evaluate_coco(model, reference: str, steps: int = 25, guidance: float = 7.5,
     if not pairs:
         raise ValueError(f"reference {reference!r} yielded no image/caption pairs")
     refs, prompts = [im for im, _ in pairs], [c for _, c in pairs]
-    seeds = [seed * 100_003 + i for i in range(len(prompts))]
+    seeds = evaluation_seeds(len(prompts), seed)
     if generate_fn is None:
         from slimsd.models import load_pipeline
 
         generate_fn = diffusers_generate_fn(load_pipeline(model), steps, guidance, batch_size=batch_size)
-    images = generate_fn(prompts, seeds)
+    images = generate_sharded(generate_fn, prompts, seeds, batch_size)
     result = coco_metrics(images, prompts, refs, clip_model=clip_model, inception_weights=inception_weights,
                           metrics=tuple(metrics))
     result.update(model=str(model), steps=steps, guidance=guidance, num_prompts=len(prompts), seed=seed,
                   reference=str(reference), wall_time_s=round(time.time() - t0, 1))
-    if out is not None:
+    if out is not None and _is_main_process():
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         save_grid(images[:64], out / "samples.png", captions=prompts[:64])
