@@ -65,15 +65,23 @@ def _cmd_evaluator_train(a) -> int:
 
 
 def _add_evaluate(sub):
-    p = _sub(sub, "evaluate", help="generate for held-out prompts and report FD and alignment")
+    p = _sub(sub, "evaluate", help="generate for held-out prompts and report FD and alignment with 95%% CIs; "
+             "--compare B for a paired comparison (docs/evaluation.md)")
     p.add_argument("model", help="preset (tiny-sd, sd21-base-arch), diffusers folder or hub id")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--num-prompts", type=int, default=1024,
+                   help="prompts (one image each; default 1024: alignment CI about +-0.03)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--split", default="heldout", choices=("heldout", "train"))
-    p.add_argument("--out", default=None, help="folder for samples.png and metrics.json")
+    p.add_argument("--out", default=None, help="folder for samples.png and metrics.json (compare.json with --compare)")
+    p.add_argument("--compare", default=None, metavar="MODEL_B",
+                   help="paired comparison: MODEL_B on the same prompts and seeds; reports A - B with 95%% CIs")
+    p.add_argument("--compare-steps", type=int, default=None,
+                   help="steps of MODEL_B (default: its own default steps, e.g. 25 for tiny-sd)")
+    p.add_argument("--compare-guidance", type=float, default=None, help="guidance of MODEL_B (default: --guidance)")
+    p.add_argument("--resamples", type=int, default=None, help="bootstrap resamples of the FD intervals (default 1000)")
     p.add_argument("--metrics", default="scene", help="'scene' (FD, alignment; offline scene prompts) or a comma list "
                    "of fid,clip,is for real SD (needs --reference and local weights)")
     p.add_argument("--reference", default=None, help="image+caption data for fid/clip/is: folder, CSV/JSONL, "
@@ -84,29 +92,80 @@ def _add_evaluate(sub):
     p.set_defaults(func=_cmd_evaluate)
 
 
+def _ci(ci) -> str:
+    return "" if ci is None else f"  [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _print_scene_metrics(name: str, r: dict) -> None:
+    print(f"{name}: steps={r['steps']} guidance={r['guidance']} prompts={r['num_prompts']} ({r['split']}), "
+          f"{r['wall_time_s']} s")
+    print(f"  FD        {r['fd']:.3f}{_ci(r.get('fd_ci'))}  (lower is better; real vs real: {r['fd_floor']:.3f})")
+    print(f"  alignment {r['alignment']:.3f}{_ci(r['alignment_ci'])}  (higher is better)")
+    print(f"  objects   {r['objects']:.3f}{_ci(r['objects_ci'])}  (both objects right, any order)")
+    if r.get("order") is not None:
+        print(f"  order     {r['order']:.3f}{_ci(r['order_ci'])}  (order right, among images with both objects right)")
+
+
+def _default_steps(model) -> int:
+    """The model's own default steps (its manifest / slimsd.json; 25 if it names none)."""
+    from slimsd.defaults import generation_defaults
+    from slimsd.models import resolve_model
+
+    return generation_defaults(resolve_model(model)).steps
+
+
 def _cmd_evaluate(a) -> int:
-    from slimsd.evaluator import evaluate, evaluate_coco
+    from slimsd.evaluator import compare, evaluate, evaluate_coco
 
     if a.metrics != "scene":
         if not a.reference:
             raise ValueError("--reference is required with --metrics fid,clip,is")
+        if a.compare:
+            raise ValueError("--compare: the paired comparison is for the scene metrics (--metrics scene)")
         r = evaluate_coco(a.model, a.reference, steps=a.steps, guidance=a.guidance, num_prompts=a.num_prompts,
                           seed=a.seed, out=a.out, clip_model=a.clip_model, inception_weights=a.inception_weights,
                           metrics=[m.strip() for m in a.metrics.split(",")], resolution=a.resolution,
                           batch_size=a.batch_size)
-        print(json.dumps(r) if a.json else json.dumps(r, indent=2))
+        if _main_process():
+            print(json.dumps(r) if a.json else json.dumps(r, indent=2))
+        return 0
+    if a.compare:
+        steps_b = a.compare_steps or _default_steps(a.compare)
+        r = compare(a.model, a.compare, steps=a.steps, guidance=a.guidance, steps_b=steps_b,
+                    guidance_b=a.compare_guidance, num_prompts=a.num_prompts, seed=a.seed, split=a.split,
+                    batch_size=a.batch_size, resamples=a.resamples, out=a.out)
+        if not _main_process():
+            return 0
+        if a.json:
+            print(json.dumps(r))
+            return 0
+        _print_scene_metrics(f"A = {a.model}", r["a"])
+        _print_scene_metrics(f"B = {a.compare}", r["b"])
+        d = r["a_minus_b"]
+        print(f"A - B on the same {d['num_prompts']} prompts and seeds (95% paired bootstrap CIs):")
+        print(f"  alignment {d['alignment_diff']:+.3f}{_ci(d['alignment_diff_ci'])}  {d['alignment_verdict']} "
+              f"(McNemar p = {d['alignment_mcnemar_p']:.3g})")
+        print(f"  objects   {d['objects_diff']:+.3f}{_ci(d['objects_diff_ci'])}  {d['objects_verdict']}")
+        print(f"  FD        {d['fd_diff']:+.3f}{_ci(d['fd_diff_ci'])}  {d['fd_verdict']}; "
+              f"ratio A/B {d['fd_ratio']:.3f}{_ci(d['fd_ratio_ci'])}")
         return 0
     r = evaluate(a.model, steps=a.steps, guidance=a.guidance, num_prompts=a.num_prompts, seed=a.seed,
-                 out=a.out, split=a.split, batch_size=a.batch_size)
+                 out=a.out, split=a.split, batch_size=a.batch_size, resamples=a.resamples)
+    if not _main_process():
+        return 0
     if a.json:
         print(json.dumps(r))
     else:
-        print(f"{a.model}: steps={a.steps} guidance={a.guidance} prompts={a.num_prompts} ({a.split})")
-        print(f"  FD        {r['fd']:.3f}  (lower is better)")
-        print(f"  alignment {r['alignment']:.3f}  (higher is better)")
+        _print_scene_metrics(str(a.model), r)
         if a.out:
             print(f"  wrote {a.out}/samples.png and metrics.json")
     return 0
+
+
+def _main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 def _add_info(sub):
