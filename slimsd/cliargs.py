@@ -10,12 +10,14 @@
 
 Rules, the same for every command:
 
-* the flag is the field name with ``-`` for ``_`` (``max_steps`` -> ``--max-steps``);
+* the flag is the field name with ``-`` for ``_`` (``max_steps`` -> ``--max-steps``), or
+  ``metadata={"flag": "--duration"}`` (pydantic: ``json_schema_extra={"flag": ...}``) where
+  the field's name carries a unit the flag never had (``duration_s``);
 * help is the dataclass field's ``metadata["help"]`` or the pydantic field's ``description``,
   and the default is shown;
 * ``bool``: default False -> ``--name`` turns it on; default True -> ``--no-name`` turns it off;
 * ``Literal[...]`` -> ``choices``; ``int`` / ``float`` (optional or not) -> that type, else str;
-* ``list[...]`` -> the flag may be repeated; ``tuple[str, ...]`` -> one comma list.
+* ``list[...]`` -> the flag may be repeated; ``tuple[int, ...]`` -> one comma list of that type.
 
 Why a small helper and not tyro / simple-parsing / jsonargparse: every existing flag keeps its
 name and the parsers stay plain argparse sub-commands (``slimsd serve --help`` is unchanged in
@@ -31,8 +33,8 @@ import types
 import typing
 
 
-def _fields(cls) -> list[tuple[str, typing.Any, typing.Any, str]]:
-    """``(name, annotation, default, help)`` of a dataclass or a pydantic model."""
+def _fields(cls) -> list[tuple[str, typing.Any, typing.Any, str, str | None]]:
+    """``(name, annotation, default, help, flag)`` of a dataclass or a pydantic model."""
     if dataclasses.is_dataclass(cls):
         hints = typing.get_type_hints(cls)
         out = []
@@ -43,10 +45,11 @@ def _fields(cls) -> list[tuple[str, typing.Any, typing.Any, str]]:
                 default = f.default_factory()  # type: ignore[misc]
             else:
                 default = None
-            out.append((f.name, hints[f.name], default, f.metadata.get("help", "")))
+            out.append((f.name, hints[f.name], default, f.metadata.get("help", ""), f.metadata.get("flag")))
         return out
     if hasattr(cls, "model_fields"):  # pydantic v2
-        return [(n, f.annotation, f.get_default(call_default_factory=True), f.description or "")
+        return [(n, f.annotation, f.get_default(call_default_factory=True), f.description or "",
+                 (f.json_schema_extra or {}).get("flag") if isinstance(f.json_schema_extra, dict) else None)
                 for n, f in cls.model_fields.items()]
     raise TypeError(f"{cls!r} is neither a dataclass nor a pydantic model")
 
@@ -58,28 +61,36 @@ def _strip_optional(ann):
     return ann
 
 
-def _comma_tuple(text: str) -> tuple[str, ...]:
-    return tuple(s.strip() for s in text.split(",") if s.strip())
+def _comma_tuple(item_type):
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(item_type(s.strip()) for s in text.split(",") if s.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a comma list of {item_type.__name__} expected, got {text!r}") from None
+
+    parse.__name__ = f"comma list of {item_type.__name__}"
+    return parse
 
 
 def add_fields(parser: argparse.ArgumentParser, cls, *, skip: typing.Iterable[str] = (),
                required: typing.Iterable[str] = (), extra_help: dict[str, str] | None = None) -> None:
     """Add one flag per field of ``cls`` (a dataclass or pydantic model) to ``parser``."""
     skip, required, extra_help = set(skip), set(required), extra_help or {}
-    for name, ann, default, helptext in _fields(cls):
+    for name, ann, default, helptext, flag in _fields(cls):
         if name in skip:
             continue
-        flag = "--" + name.replace("_", "-")
+        flag = flag or "--" + name.replace("_", "-")
         helptext = helptext + extra_help.get(name, "")
         base = _strip_optional(ann)
         if base is bool:
             if default:
-                parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false",
+                parser.add_argument("--no-" + flag[2:], dest=name, action="store_false",
                                     default=None, help="turn off: " + (helptext or name))
             else:
                 parser.add_argument(flag, dest=name, action="store_true", default=None, help=helptext)
             continue
-        shown = "" if default in (None, [], (), "") or name in required else f" (default: {default})"
+        shown = "" if default in (None, [], (), "") or name in required else \
+            f" (default: {','.join(map(str, default)) if isinstance(default, tuple) else default})"
         kw: dict = {"dest": name, "help": helptext + shown}
         if name in required:
             kw["required"] = True
@@ -92,7 +103,7 @@ def add_fields(parser: argparse.ArgumentParser, cls, *, skip: typing.Iterable[st
             kw["action"] = "append"
             kw["help"] += "; repeat for several"
         elif origin is tuple:
-            kw["type"] = _comma_tuple
+            kw["type"] = _comma_tuple(typing.get_args(base)[0])
             kw["help"] += " (comma list)"
         else:
             kw["type"] = {int: int, float: float}.get(base, str)
