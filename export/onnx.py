@@ -13,7 +13,10 @@ Each component is one stage: export with the legacy TorchScript exporter
 (``torch.onnx.export(dynamo=False)``, as Optimum and TensorRT's SD demo), clean up, check
 parity against the torch module on fresh random inputs, record in the manifest. A stage whose
 output files, source sha256 and settings match the manifest is skipped (``force`` redoes it).
-Names, dtypes and dynamic axes come from :mod:`slimsd.specs`.
+Names, dtypes, dynamic axes, module loading and wrappers come from :mod:`slimsd.specs`.
+
+A little over 400 lines on purpose: the exporter reads top to bottom in one file (config,
+manifest helpers, the stages of one component, the whole folder).
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from slimsd.io import atomic_write_text
 from slimsd.manifest import MANIFEST, sha256_file
+from slimsd.precision import ExportDtype
 from slimsd.specs import COMPONENTS, SOURCE_SUBFOLDER, ComponentSpec, ModelDims, component_specs, wrap
 from slimsd.specs import load_module as spec_load_module
 
@@ -44,15 +49,22 @@ class ParityError(ValueError):
 
 @dataclass
 class OnnxExportConfig:
-    dtype: str = "float32"  # float32 | float16 (the module is cast and exported in fp16)
-    dynamic_hw: bool = False  # dynamic latent / image height and width (batch is always dynamic)
-    opset: int = DEFAULT_OPSET
-    optimize: bool = True  # onnx shape inference + ONNX Runtime offline "basic" optimisation (fp32)
-    external_data: str = "auto"  # auto (over 2 GB) | always | never
-    verify: bool = True
-    tolerance: float | None = None  # default per dtype: TOLERANCE
-    verify_batch: int = 3  # differs from the traced batch (2): proves the batch axis is dynamic
-    force: bool = False
+    """Settings of ``slimsd export onnx`` (its flags are these fields: :func:`slimsd.cliargs.add_fields`)."""
+
+    dtype: ExportDtype = field(default="float32", metadata={
+        "help": "float16: the module is cast and exported in fp16"})
+    dynamic_hw: bool = field(default=False, metadata={"help": "dynamic height/width (batch is always dynamic)"})
+    opset: int = field(default=DEFAULT_OPSET, metadata={"help": "ONNX opset (>= 17)"})
+    optimize: bool = field(default=True, metadata={
+        "help": "the onnxruntime 'basic' offline graph clean-up after shape inference (fp32 exports)"})
+    external_data: Literal["auto", "always", "never"] = field(default="auto", metadata={
+        "help": "weights in model.onnx_data: auto = over 2 GB"})
+    verify: bool = field(default=True, metadata={"help": "the parity check against the torch module"})
+    tolerance: float | None = field(default=None, metadata={
+        "help": "max relative error (default 1e-3 fp32, 1e-2 fp16)"})
+    verify_batch: int = field(default=3, metadata={
+        "help": "batch of the parity check; differs from the traced batch (2): proves the batch axis is dynamic"})
+    force: bool = field(default=False, metadata={"help": "re-export components the manifest says are up to date"})
 
     def settings(self) -> dict:
         """What a cached stage must match to be reused: every setting that changes the file.

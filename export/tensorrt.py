@@ -32,19 +32,26 @@ class TensorRTUnavailable(RuntimeError):
     """No TensorRT Python package or no CUDA GPU on this machine."""
 
 
+def _hw_help(k: str) -> dict:
+    return {"help": f"{k} image size in px (--dynamic-hw exports); int or (height, width) from Python"}
+
+
 @dataclass
 class TensorRTConfig:
-    fp16: bool = True  # allow fp16 kernels (I/O types stay as in the ONNX file)
-    min_batch: int = 1
-    opt_batch: int = 2  # one image with classifier-free guidance
-    max_batch: int = 8
-    min_hw: int | tuple[int, int] | None = None  # pixels; only with a --dynamic-hw ONNX export
-    opt_hw: int | tuple[int, int] | None = None
-    max_hw: int | tuple[int, int] | None = None
-    workspace_gb: float = 8.0
-    timing_cache: str | None = None  # default OUT/timing-<TensorRT version>-<GPU>.cache (timing_cache_path)
-    components: tuple[str, ...] = COMPONENTS
-    force: bool = False
+    """Settings of ``slimsd export tensorrt`` (its flags are these fields: :func:`slimsd.cliargs.add_fields`)."""
+
+    fp16: bool = field(default=True, metadata={"help": "fp16 kernels (I/O types stay as in the ONNX file)"})
+    min_batch: int = field(default=1, metadata={"help": "smallest batch of the profile (rows: 2 per image with CFG)"})
+    opt_batch: int = field(default=2, metadata={"help": "batch the kernels are tuned for (one image with CFG)"})
+    max_batch: int = field(default=8, metadata={"help": "largest batch of the profile"})
+    min_hw: int | tuple[int, int] | None = field(default=None, metadata=_hw_help("min"))
+    opt_hw: int | tuple[int, int] | None = field(default=None, metadata=_hw_help("opt"))
+    max_hw: int | tuple[int, int] | None = field(default=None, metadata=_hw_help("max"))
+    workspace_gb: float = field(default=8.0, metadata={"help": "TensorRT workspace memory pool"})
+    timing_cache: str | None = field(default=None, metadata={
+        "help": "default OUT/timing-<TensorRT version>-<GPU>.cache"})
+    components: tuple[str, ...] = field(default=COMPONENTS, metadata={"help": "components to build"})
+    force: bool = field(default=False, metadata={"help": "rebuild engines the manifest says are up to date"})
 
 
 @dataclass

@@ -26,8 +26,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from slimsd.specs import COMPONENTS, ComponentSpec, component_specs
 
@@ -39,13 +40,17 @@ PIPELINE_TEMPLATE = Path(__file__).with_name("triton_pipeline_model.py")
 
 @dataclass
 class TritonConfig:
-    backend: str = "onnxruntime"  # onnxruntime | tensorrt
-    engines: str | None = None  # folder of <component>.plan (``slimsd export tensorrt``), backend tensorrt
-    kind: str = "gpu"  # instance kind of the three models: gpu | cpu
-    instances: int = 1
-    pipeline_instances: int = 1
-    max_queue_delay_us: int = 0
-    link: bool = True  # hardlink model files when possible (else copy)
+    """Settings of ``slimsd export triton`` (its flags are these fields: :func:`slimsd.cliargs.add_fields`)."""
+
+    backend: Literal["onnxruntime", "tensorrt"] = field(default="onnxruntime", metadata={
+        "help": "platform of the three component models"})
+    engines: str | None = field(default=None, metadata={
+        "help": "folder of <component>.plan (`slimsd export tensorrt`), with --backend tensorrt"})
+    kind: Literal["gpu", "cpu"] = field(default="gpu", metadata={"help": "instance kind of the three models"})
+    instances: int = field(default=1, metadata={"help": "instances of each component model"})
+    pipeline_instances: int = field(default=1, metadata={"help": "instances of the python pipeline model"})
+    max_queue_delay_us: int = field(default=0, metadata={"help": "dynamic batching queue delay"})
+    link: bool = field(default=True, metadata={"help": "hardlink model files when possible (else copy)"})
 
 
 def _dims(values) -> str:

@@ -421,58 +421,42 @@ def _cmd_build(a) -> int:
 
 
 def _add_export(sub):
+    """Flags of each export command are its config's fields (:func:`slimsd.cliargs.add_fields`);
+    positionals, ``--out``, ``--dry-run`` and ``--copy`` (the old spelling of ``--no-link``) are explicit."""
+    from slimsd.cliargs import add_fields
+    from slimsd.export.onnx import OnnxExportConfig
+    from slimsd.export.tensorrt import TensorRTConfig
+    from slimsd.export.triton import TritonConfig
+
     p = _sub(sub, "export", help="ONNX / TensorRT export and the Triton model repository (docs/export.md)")
     esub = p.add_subparsers(dest="export_command", required=True)
 
     o = _sub(esub, "onnx", help="text encoder, U-Net and VAE decoder as ONNX, with parity checks")
     o.add_argument("model", help="preset (tiny-sd, sd21-base-arch), diffusers folder or hub id")
     o.add_argument("out", help="folder to write (model.onnx per component, tokenizer, scheduler, manifest.json)")
-    o.add_argument("--dtype", default="float32", choices=("float32", "float16"))
-    o.add_argument("--dynamic-hw", action="store_true", help="dynamic height/width (batch is always dynamic)")
-    o.add_argument("--opset", type=int, default=17)
-    o.add_argument("--no-optimize", dest="optimize", action="store_false",
-                   help="skip the onnxruntime 'basic' offline graph clean-up")
-    o.add_argument("--external-data", default="auto", choices=("auto", "always", "never"),
-                   help="weights in model.onnx_data: auto = over 2 GB")
-    o.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity check")
-    o.add_argument("--tolerance", type=float, default=None, help="max relative error (default 1e-3 fp32, 1e-2 fp16)")
-    o.add_argument("--verify-batch", type=int, default=3)
-    o.add_argument("--force", action="store_true", help="re-export components the manifest says are up to date")
+    add_fields(o, OnnxExportConfig)
     o.set_defaults(func=_cmd_export_onnx)
 
     t = _sub(esub, "tensorrt", help="TensorRT engines from an ONNX export (needs a GPU and tensorrt)")
     t.add_argument("onnx_dir")
     t.add_argument("out", help="folder for <component>.plan, timing.cache, manifest.json")
-    t.add_argument("--no-fp16", dest="fp16", action="store_false")
-    t.add_argument("--min-batch", type=int, default=1)
-    t.add_argument("--opt-batch", type=int, default=2)
-    t.add_argument("--max-batch", type=int, default=8)
-    for k in ("min", "opt", "max"):
-        t.add_argument(f"--{k}-hw", type=int, default=None, help=f"{k} image size in px (--dynamic-hw exports)")
-    t.add_argument("--workspace-gb", type=float, default=8.0)
-    t.add_argument("--timing-cache", default=None, help="default OUT/timing.cache")
-    t.add_argument("--components", default="text_encoder,unet,vae_decoder")
-    t.add_argument("--force", action="store_true")
+    add_fields(t, TensorRTConfig)
     t.add_argument("--dry-run", action="store_true", help="print the build plan (profiles, flags); needs no GPU")
     t.set_defaults(func=_cmd_export_tensorrt)
 
     r = _sub(esub, "triton", help="Triton model repository (onnxruntime or tensorrt models + python pipeline)")
     r.add_argument("onnx_dir")
     r.add_argument("--out", default="model_repository")
-    r.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"))
-    r.add_argument("--engines", default=None, help="folder of <component>.plan (with --backend tensorrt)")
-    r.add_argument("--kind", default="gpu", choices=("gpu", "cpu"), help="instance kind of the three models")
-    r.add_argument("--instances", type=int, default=1)
-    r.add_argument("--max-queue-delay-us", type=int, default=0)
+    add_fields(r, TritonConfig, skip=("link", "pipeline_instances"))
     r.add_argument("--copy", dest="link", action="store_false", help="copy model files instead of hardlinking")
     r.set_defaults(func=_cmd_export_triton)
 
 
 def _cmd_export_onnx(a) -> int:
+    from slimsd.cliargs import from_args
     from slimsd.export.onnx import OnnxExportConfig, export_onnx
 
-    fields = OnnxExportConfig.__dataclass_fields__
-    r = export_onnx(a.model, a.out, OnnxExportConfig(**{k: v for k, v in vars(a).items() if k in fields}))
+    r = export_onnx(a.model, a.out, OnnxExportConfig(**from_args(OnnxExportConfig, a)))
     if a.json:
         print(json.dumps(r))
     else:
@@ -484,11 +468,10 @@ def _cmd_export_onnx(a) -> int:
 
 
 def _cmd_export_tensorrt(a) -> int:
+    from slimsd.cliargs import from_args
     from slimsd.export.tensorrt import TensorRTConfig, TensorRTUnavailable, export_tensorrt, plan_engines
 
-    cfg = TensorRTConfig(fp16=a.fp16, min_batch=a.min_batch, opt_batch=a.opt_batch, max_batch=a.max_batch,
-                         min_hw=a.min_hw, opt_hw=a.opt_hw, max_hw=a.max_hw, workspace_gb=a.workspace_gb,
-                         timing_cache=a.timing_cache, components=tuple(a.components.split(",")), force=a.force)
+    cfg = TensorRTConfig(**from_args(TensorRTConfig, a))
     if a.dry_run:
         plan = {j.component: {"onnx": str(j.onnx), "plan": str(j.plan), **j.settings} for j in plan_engines(a.onnx_dir, a.out, cfg)}
         print(json.dumps(plan) if a.json else json.dumps(plan, indent=2))
@@ -503,55 +486,34 @@ def _cmd_export_tensorrt(a) -> int:
 
 
 def _cmd_export_triton(a) -> int:
+    from slimsd.cliargs import from_args
     from slimsd.export.triton import TritonConfig, export_triton
 
-    cfg = TritonConfig(backend=a.backend, engines=a.engines, kind=a.kind, instances=a.instances,
-                       max_queue_delay_us=a.max_queue_delay_us, link=a.link)
-    r = export_triton(a.onnx_dir, a.out, cfg)
+    r = export_triton(a.onnx_dir, a.out, TritonConfig(**from_args(TritonConfig, a)))
     print(json.dumps({"out": a.out, "models": r}) if a.json else f"wrote {a.out}: {', '.join(r)}")
     return 0
 
 
 def _add_serve(sub):
     """Flags mirror :class:`slimsd.serve.settings.ServeSettings` field by field (help = its description)."""
-    import typing
-
+    from slimsd.cliargs import add_fields
     from slimsd.serve.settings import ServeSettings
 
     p = sub.add_parser("serve", help="HTTP server: OpenAI Images API, AUTOMATIC1111 txt2img, metrics, "
                        "playground (docs/serve.md)")
     p.add_argument("model", nargs="?", default=None, help=ServeSettings.model_fields["model"].description)
-    for name, f in ServeSettings.model_fields.items():
-        if name == "model":
-            continue
-        flag = "--" + name.replace("_", "-")
-        default = f.get_default(call_default_factory=True)
-        helptext = (f.description or "") + (f" (default {default})" if default not in (None, [], "") else "")
-        ann = f.annotation
-        args = [a for a in typing.get_args(ann) if a is not type(None)]
-        if ann is bool:
-            p.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false",
-                           help="turn off: " + (f.description or name))
-        elif typing.get_origin(ann) is list:
-            p.add_argument(flag, dest=name, action="append", default=None,
-                           help=helptext + "; repeat for several")
-        elif typing.get_origin(ann) is typing.Literal:
-            p.add_argument(flag, dest=name, choices=typing.get_args(ann), default=default, help=helptext)
-        else:
-            base = args[0] if args else ann
-            conv = {int: int, float: float}.get(base, str)
-            p.add_argument(flag, dest=name, type=conv, default=default,
-                           help=helptext + ("; prefer the SLIMSD_API_KEY variable (flags show in ps)"
-                                            if name == "api_key" else ""))
+    add_fields(p, ServeSettings, skip=("model",),
+               extra_help={"api_key": "; prefer the SLIMSD_API_KEY variable (flags show in ps)"})
     p.set_defaults(func=_cmd_serve)
 
 
 def _cmd_serve(a) -> int:
+    from slimsd.cliargs import from_args
     from slimsd.serve.server import run
     from slimsd.serve.settings import ServeSettings
 
-    fields = {k: v for k, v in vars(a).items() if k in ServeSettings.model_fields and v is not None}
-    return run(ServeSettings(**fields))
+    model = {"model": a.model} if a.model is not None else {}
+    return run(ServeSettings(**model, **from_args(ServeSettings, a, skip=("model",))))
 
 
 def _add_loadtest(sub):
