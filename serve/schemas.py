@@ -16,6 +16,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from slimsd.precision import Precision
+
 MAX_SEED = 2**63 - 1 - 64  # seeds of one request are seed, seed+1, ...: stay inside int64
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
 
@@ -171,7 +173,7 @@ class ModelCard(BaseModel):
     created: int = 0
     owned_by: str = "slimsd"
     backend: str
-    precision: str = "f32"  # what the backend computes in: f32 | bf16 | fp16
+    precision: Precision = "f32"  # what the backend computes in (slimsd.precision)
     image_size: list[int]
     default_steps: int
     default_guidance: float
