@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from slimsd.io import atomic_write_text
+from slimsd.io import atomic_dir, atomic_write_text
 from slimsd.manifest import MANIFEST, sha256_file
 from slimsd.precision import ExportDtype
 from slimsd.specs import COMPONENTS, SOURCE_SUBFOLDER, ComponentSpec, ModelDims, component_specs, wrap
@@ -331,8 +331,9 @@ def export_component(folder: Path, out: Path, spec: ComponentSpec, cfg: OnnxExpo
     log(f"[{name}] {cleanup['steps']}: {cleanup['nodes_before']} -> {cleanup['nodes_after']} nodes")
     shutil.rmtree(tmp / "raw")
     final = out / name
-    shutil.rmtree(final, ignore_errors=True)
-    (tmp / "final").rename(final)
+    with atomic_dir(final) as staged:  # the component folder is replaced whole, never half-written
+        staged.rmdir()
+        (tmp / "final").rename(staged)
     shutil.rmtree(tmp, ignore_errors=True)
     for f in final.iterdir():
         f.chmod(0o644)  # onnx writes model.onnx_data 0600; Triton containers may run as another user

@@ -196,11 +196,13 @@ def make_pipeline(unet, vae, text_encoder, tokenizer, scheduler):
 
 def _materialize_sd21(out: Path, seed: int = 0) -> Path:
     """Write the random-weight SD v2.1-base architecture as a pipeline folder (~5 GB fp32)."""
-    tmp = out.with_name(out.name + ".tmp")
+    from slimsd.io import atomic_dir
+
     pipe = make_pipeline(*build_components("sd21-base-arch", seed=seed))
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "SLIMSD_PRESET.json").write_text(json.dumps({"preset": "sd21-base-arch", "seed": seed, "random_weights": True}))
-    tmp.rename(out)  # atomic: a killed run leaves no half folder under the final name
+    with atomic_dir(out) as tmp:  # a killed run leaves no half folder under the final name
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "SLIMSD_PRESET.json").write_text(json.dumps({"preset": "sd21-base-arch", "seed": seed,
+                                                            "random_weights": True}))
     return out
 
 
