@@ -99,6 +99,33 @@ def _as_list(x, n: int, what: str) -> list:
     return x
 
 
+class GenerationError(RuntimeError):
+    """A runtime returned values no correct model gives (NaN / inf, or a blank image).
+
+    Raised instead of returning an image, so a server answers an error, never a wrong (e.g.
+    all-black) picture as a success: a mis-compiled engine, a corrupt cache blob (issue #12)
+    or an fp16 overflow all end up here.
+    """
+
+
+def _check_finite(component: str, values: np.ndarray, where: str = "") -> np.ndarray:
+    if not np.isfinite(values).all():
+        bad = int((~np.isfinite(values)).sum())
+        raise GenerationError(f"{component} returned {bad} non-finite values{where} (NaN/inf): the runtime or its "
+                              "compiled model is broken; no image was made")
+    return values
+
+
+def _check_not_blank(images: np.ndarray) -> np.ndarray:
+    """[N, H, W, 3] uint8: an image whose every pixel is one value is a failed decode, not a picture."""
+    flat = images.reshape(len(images), -1)
+    blank = np.flatnonzero((flat == flat[:, :1]).all(1))
+    if len(blank):
+        raise GenerationError(f"vae_decoder returned {len(blank)} blank image(s) (every pixel "
+                              f"{int(flat[blank[0], 0])}): the runtime or its compiled model is broken")
+    return images
+
+
 def generate(
     runners: Runners,
     tokenizer,
@@ -121,7 +148,8 @@ def generate(
 
     ``seeds``: one per prompt; an int ``s`` means ``s, s+1, ...``; ``None`` draws random ones.
     ``scheduler`` is not modified (a fresh copy runs the loop, so concurrent calls are safe).
-    ``callback(i, t)`` is called after each step.
+    ``callback(i, t)`` is called after each step. :class:`GenerationError` when a runner returns
+    NaN / inf or the decoder a blank image: never a wrong picture.
     """
     import torch
 
@@ -141,7 +169,7 @@ def generate(
 
     # 1. text embeddings, [negative..., positive...] as diffusers concatenates them
     ids = tokenize(tokenizer, (negative_prompts + prompts) if cfg else prompts)
-    emb = np.asarray(runners.text_encoder(ids), dtype=np.float32)
+    emb = _check_finite("text_encoder", np.asarray(runners.text_encoder(ids), dtype=np.float32))
 
     # 2. noise, then the scheduler loop (a fresh scheduler: set_timesteps mutates state)
     sched = type(scheduler).from_config(scheduler.config)
@@ -154,7 +182,8 @@ def generate(
         x = torch.cat([latents] * 2) if cfg else latents
         x = sched.scale_model_input(x, t)
         ts = np.full((x.shape[0],), float(t), dtype=np.float32)
-        eps = torch.from_numpy(np.asarray(runners.unet(x.numpy(), ts, emb), dtype=np.float32))
+        eps = torch.from_numpy(_check_finite("unet", np.asarray(runners.unet(x.numpy(), ts, emb), dtype=np.float32),
+                                             f" at step {i + 1}"))
         if cfg:
             uncond, text = eps.chunk(2)
             eps = uncond + guidance * (text - uncond)
@@ -163,5 +192,5 @@ def generate(
             callback(i, t)
 
     # 3. decode: the ONNX decoder is the raw vae.decode, scaling happens here
-    images = runners.vae_decoder((latents / vae_scaling_factor).numpy())
-    return to_uint8(np.asarray(images))
+    images = _check_finite("vae_decoder", np.asarray(runners.vae_decoder((latents / vae_scaling_factor).numpy())))
+    return _check_not_blank(to_uint8(images))

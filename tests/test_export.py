@@ -402,8 +402,8 @@ class _RecordingRunners:
 
     def vae_decoder(self, latent_sample):
         self.calls.append(("vae_decoder", latent_sample.shape))
-        n, _, h, w = latent_sample.shape
-        return np.ones((n, 3, h * 8, w * 8), np.float32)
+        n, _, h, w = latent_sample.shape  # a left-to-right ramp, -1 (black) to 1 (white)
+        return np.broadcast_to(np.linspace(-1, 1, w * 8, dtype=np.float32), (n, 3, h * 8, w * 8)).copy()
 
 
 def test_generate_batches_cfg_and_validates_arguments(tiny_pipeline):
@@ -414,7 +414,7 @@ def test_generate_batches_cfg_and_validates_arguments(tiny_pipeline):
     r = _RecordingRunners()
     img = generate(r, tok, sched, ["a", "b", "c"], steps=2, guidance=7.5, seeds=0, height=64, width=64,
                    vae_scaling_factor=1.0)
-    assert img.shape == (3, 64, 64, 3) and (img == 255).all()
+    assert img.shape == (3, 64, 64, 3) and (img[:, :, 0] == 0).all() and (img[:, :, -1] == 255).all()
     assert r.calls[0] == ("text_encoder", (6, 77), np.int64)  # [negative x3, positive x3]
     unet_calls = [c for c in r.calls if c[0] == "unet"]
     assert len(unet_calls) == 2 and unet_calls[0][1] == (6, 4, 8, 8) and unet_calls[0][2] == np.float32
