@@ -123,29 +123,43 @@ def test_prune_preset_writes_a_loadable_smaller_pipeline(tmp_path):
 
 
 def test_sensitivity_resumes_to_the_same_report(tmp_path, monkeypatch):
+    """A run killed after its first block resumes with only the missing blocks (counted through a spy
+    on the ablation); finished files are not rewritten; the report equals an uninterrupted run's."""
+    import os
+
     import slimsd.compress.sensitivity as S
 
-    kw = dict(model="tiny-sd", steps=3, num_prompts=8, blocks=["down.0.res.0", "mid.attn.0", "up.3.attn.2"])
+    kw = dict(model="tiny-sd", steps=2, num_prompts=4, blocks=["down.0.res.0", "mid.attn.0", "up.3.attn.2"])
     full = S.run_sensitivity(S.SensitivityConfig(out=str(tmp_path / "a"), **kw))
 
-    # a run killed after its first block ...
-    calls = {"n": 0}
     real = S.ablate
+    ablated = []
 
     def dying(unet, names):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
+        ablated.append(list(names))
+        if len(ablated) == 2:
+            raise KeyboardInterrupt  # killed while starting the second block
         return real(unet, names)
 
     monkeypatch.setattr(S, "ablate", dying)
     with pytest.raises(KeyboardInterrupt):
         S.run_sensitivity(S.SensitivityConfig(out=str(tmp_path / "b"), **kw))
-    done = sorted(p.name for p in (tmp_path / "b" / "blocks").glob("*.json"))
+    blocks_dir = tmp_path / "b" / "blocks"
+    done = sorted(p.name for p in blocks_dir.glob("*.json"))
     assert done == ["_unpruned.json", "down.0.res.0.json"]
-    # ... continues with the blocks it has not done and reports the same numbers
-    monkeypatch.setattr(S, "ablate", real)
+    old = 1_000_000_000  # 2001: a rewritten file would carry today's mtime
+    for name in done:
+        os.utime(blocks_dir / name, (old, old))
+
+    def spy(unet, names):
+        ablated.append(list(names))
+        return real(unet, names)
+
+    ablated.clear()
+    monkeypatch.setattr(S, "ablate", spy)
     resumed = S.run_sensitivity(S.SensitivityConfig(out=str(tmp_path / "b"), **kw))
+    assert ablated == [["mid.attn.0"], ["up.3.attn.2"]]  # the finished block is not recomputed
+    assert [(blocks_dir / name).stat().st_mtime for name in done] == [old, old]  # nor rewritten
     key = lambda r: {b["name"]: (b.get("fd"), b.get("alignment")) for b in r["blocks"]}
     assert key(resumed) == key(full)
     assert resumed["unpruned"] == full["unpruned"]

@@ -2,15 +2,12 @@
 and its manifest's 8-step row is what `slimsd evaluate tiny-sd-slim --steps 8` gives."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from slimsd.manifest import verify_manifest
 from slimsd.models import TINY_SD_DIR, TINY_SD_SLIM_DIR, resolve_model
-
-pytestmark = pytest.mark.skipif(not (TINY_SD_SLIM_DIR / "model_index.json").is_file(),
-                                reason="tiny-sd-slim not built (slimsd compress build configs/tiny-sd-slim.json)")
-
 
 def _unet_params(folder) -> int:
     from slimsd.models import stored_params
@@ -19,12 +16,34 @@ def _unet_params(folder) -> int:
 
 
 def test_manifest_records_the_build_and_matches_files():
+    """What the manifest says, checked against the committed files and code, not only read back."""
+    from accelerate import init_empty_weights
+
+    from slimsd.compress.build import load_build_config
+    from slimsd.defaults import generation_defaults
+    from slimsd.models import count_params
+    from slimsd.unet_blocks import PrunedUNet2DConditionModel
+
     m = verify_manifest(TINY_SD_SLIM_DIR)  # sha256 of every weight / config file
-    assert m["default_steps"] == 8
+    assert m["default_steps"] == 8 == generation_defaults(TINY_SD_SLIM_DIR).steps
     assert m["build"]["config_file"].endswith("configs/tiny-sd-slim.json")
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny-sd-slim.json"
+    # the committed config is the one it was built from (``threads`` aside: not part of a stage's
+    # fingerprint, it changes no result)
+    no_threads = lambda c: {k: ({f: x for f, x in v.items() if f != "threads"} if isinstance(v, dict) else v)
+                            for k, v in c.items()}
+    assert no_threads(load_build_config(config)) == no_threads(m["build"]["config"])
     assert any(c.startswith("slimsd compress train --stage 2") for c in m["build"]["commands"])
     plan = m["prune_plan"]
     assert plan["removed_blocks"] and plan["unet_params"]["kept_fraction"] < 0.60  # the paper's 54 %
+    # the plan's counts are the stored weights', and those of tiny-sd's U-Net without those blocks
+    assert plan["unet_params"]["before"] == _unet_params(TINY_SD_DIR)
+    assert plan["unet_params"]["after"] == _unet_params(TINY_SD_SLIM_DIR) == m["params"]["unet"]
+    cfg = json.loads((TINY_SD_DIR / "unet" / "config.json").read_text())
+    with init_empty_weights():
+        rebuilt = PrunedUNet2DConditionModel(**{k: v for k, v in cfg.items() if not k.startswith("_")},
+                                             removed_blocks=plan["removed_blocks"])
+    assert count_params(rebuilt) == plan["unet_params"]["after"]
     for tag in ("steps8_cfg7.5", "steps25_cfg7.5"):
         assert m["metrics"][tag]["fd"] > 0 and 0 <= m["metrics"][tag]["alignment"] <= 1
 

@@ -176,14 +176,67 @@ stage2: {{max_steps: 1, num_latents: 32, batch_size: 2, student_steps: 4, report
     assert time.time() - t0 < 10
 
 
-def test_tiny_sd_slim_preset_names_its_build_command():
-    from slimsd.models import TINY_SD_SLIM_DIR, resolve_model
+def test_tiny_sd_slim_preset_names_its_build_command(tmp_path, monkeypatch):
+    """The committed preset resolves; where it is absent (a checkout without it) the error says how to build it."""
+    import slimsd.models as M
 
-    if (TINY_SD_SLIM_DIR / "model_index.json").is_file():
-        assert resolve_model("tiny-sd-slim") == TINY_SD_SLIM_DIR
-    else:
-        with pytest.raises(FileNotFoundError, match="compress build configs/tiny-sd-slim.json"):
-            resolve_model("tiny-sd-slim")
+    assert M.resolve_model("tiny-sd-slim") == M.TINY_SD_SLIM_DIR
+    monkeypatch.setattr(M, "TINY_SD_SLIM_DIR", tmp_path / "tiny-sd-slim")
+    with pytest.raises(FileNotFoundError, match="compress build configs/tiny-sd-slim.json"):
+        M.resolve_model("tiny-sd-slim")
+
+
+@pytest.mark.xfail(strict=True, reason="compress/build.py run_stages records a stage's fingerprint only after the stage "
+                   "ends, so the rerun of a build killed inside its first training run sees no fingerprint, deletes "
+                   "stage1.work as stale and starts stage 1 afresh (reported in issue #20's note)")
+def test_build_killed_mid_stage_resumes_from_its_checkpoint(tmp_path, capsys):
+    """`slimsd compress build` SIGKILLed inside stage 1 (after a checkpoint): the rerun skips the
+    finished prune stage, resumes stage 1 from that checkpoint, and its loss log has each step once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from slimsd.compress.build import build, load_build_config
+
+    cfg = tmp_path / "build.json"
+    steps = 12
+    cfg.write_text(json.dumps({
+        "model": "tiny-sd", "out": str(tmp_path / "slim"), "prune": {"preset": "bk-tiny"}, "stage2": None,
+        "stage1": {"max_steps": steps, "checkpointing_steps": 2, "num_latents": 16, "batch_size": 2,
+                   "logging_steps": 1, "report_to": "none", "final_eval_prompts": 0, "threads": 1}}))
+    work = tmp_path / "slim.build"
+    ckpts = work / "stage1.work"
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "slimsd.cli", "compress", "build", str(cfg)], stdout=log,
+                            stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
+    try:
+        t0 = time.monotonic()
+        while not list_checkpoints(ckpts):
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() - t0 < 300, "no checkpoint after 300 s"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # a kill -9 in the middle of stage 1
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    done = int(list_checkpoints(ckpts)[-1].name.split("-")[1])
+    assert done < steps, "stage 1 finished before the kill: nothing to resume"
+    pruned_plan = work / "pruned" / "prune_plan.json"
+    pruned_mtime = pruned_plan.stat().st_mtime_ns
+
+    capsys.readouterr()
+    r = build(load_build_config(cfg), config_path=str(cfg))
+    err = capsys.readouterr().err
+    assert [(s["stage"], s["status"]) for s in r["stages"]] == [("prune", "skipped"), ("stage1", "ran"), ("final", "ran")]
+    assert pruned_plan.stat().st_mtime_ns == pruned_mtime
+    resumed = [line for line in err.splitlines() if line.startswith("resumed from")]
+    assert resumed and resumed[0].endswith(f"at step {done}"), err[-2000:]
+    steps_logged = [row["step"] for row in json.loads((work / "stage1" / "loss_log.json").read_text())]
+    assert steps_logged == list(range(1, steps + 1))  # the steps before the kill kept, none repeated
+    assert json.loads((tmp_path / "slim" / "manifest.json").read_text())["default_steps"] == 25
 
 
 def test_constant_lr_with_warmup_really_warms_up():
