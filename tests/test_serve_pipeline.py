@@ -16,8 +16,6 @@ import pytest
 
 from slimsd.models import TINY_SD_DIR
 
-pytestmark = pytest.mark.skipif(not (TINY_SD_DIR / "model_index.json").is_file(), reason="tiny-sd weights missing")
-
 PROMPTS = ["a red circle left of a blue square", "a green triangle above a yellow cross"]
 SEEDS = [0, 7]
 

@@ -283,7 +283,7 @@ def write_tar(path: Path, members: dict[str, bytes]) -> None:
 
 
 def test_webdataset_shards(tmp_path):
-    pytest.importorskip("webdataset")
+    import webdataset  # noqa: F401  (dev extra: missing is a failure, not a skip)
     shards = tmp_path / "shards"
     shards.mkdir()
     write_tar(shards / "00000.tar", {
@@ -315,7 +315,7 @@ def test_webdataset_shards(tmp_path):
 
 
 def test_webdataset_missing_shard(tmp_path):
-    pytest.importorskip("webdataset")
+    import webdataset  # noqa: F401  (dev extra: missing is a failure, not a skip)
     with pytest.raises(FileNotFoundError, match="00003.tar"):
         open_dataset(str(tmp_path / "{00003..00004}.tar"))
 
@@ -332,7 +332,7 @@ def test_missing_optional_package_says_how_to_install(tmp_path, monkeypatch):
 
 @pytest.fixture
 def hf_dir(tmp_path) -> Path:
-    datasets = pytest.importorskip("datasets")
+    import datasets  # dev extra: missing is a failure, not a skip
     ds = datasets.Dataset.from_dict(
         {
             "image": [Image.new("RGB", (30, 20), COLOURS[c]) for c in ("red", "green", "blue")],
@@ -365,7 +365,7 @@ def test_hf_saved_dataset_streaming(hf_dir):
 
 
 def test_hf_dataset_dict_split_and_corrupt_bytes(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # dev extra: missing is a failure, not a skip
     # image stored as a {"bytes", "path"} struct (what an Image feature holds), one corrupt
     feats = datasets.Features({"img": datasets.Image(), "caption": datasets.Value("string")})
     train = datasets.Dataset.from_dict(
@@ -388,7 +388,7 @@ def test_hf_dataset_dict_split_and_corrupt_bytes(tmp_path):
 
 
 def test_hf_url_column_refused_and_detection_error(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # dev extra: missing is a failure, not a skip
     urls = datasets.Dataset.from_dict({"image": ["https://example.com/x.jpg"], "text": ["x"]})
     urls.save_to_disk(str(tmp_path / "u"))
     with pytest.raises(UnsupportedImageError, match="URL"):
@@ -399,7 +399,7 @@ def test_hf_url_column_refused_and_detection_error(tmp_path):
 
 
 def test_hf_local_parquet_via_load_dataset_and_image_feature_fallback(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # dev extra: missing is a failure, not a skip
     ds = datasets.Dataset.from_dict(
         {"pixels": [Image.new("RGB", (9, 9), COLOURS["red"])], "prompt": ["red only"]},
         features=datasets.Features({"pixels": datasets.Image(), "prompt": datasets.Value("string")}),
