@@ -501,7 +501,8 @@ def _add_serve(sub):
 
     p = sub.add_parser("serve", help="HTTP server: OpenAI Images API, AUTOMATIC1111 txt2img, metrics, "
                        "playground (docs/serve.md)")
-    p.add_argument("model", nargs="?", default=None, help=ServeSettings.model_fields["model"].description)
+    p.add_argument("model", nargs="*", default=[], help=ServeSettings.model_fields["model"].description +
+                   "; several (MODEL or NAME=MODEL each) serve side by side, the first is the default")
     add_fields(p, ServeSettings, skip=("model",),
                extra_help={"api_key": "; prefer the SLIMSD_API_KEY variable (flags show in ps)"})
     p.set_defaults(func=_cmd_serve)
@@ -512,8 +513,10 @@ def _cmd_serve(a) -> int:
     from slimsd.serve.server import run
     from slimsd.serve.settings import ServeSettings
 
-    model = {"model": a.model} if a.model is not None else {}
-    return run(ServeSettings(**model, **from_args(ServeSettings, a, skip=("model",))))
+    given = from_args(ServeSettings, a, skip=("model",))
+    models = list(a.model) + given.pop("models", [])  # positional MODELs, then each --model
+    first = {"model": models[0], "models": models[1:]} if models else {}
+    return run(ServeSettings(**first, **given))
 
 
 def _add_loadtest(sub):

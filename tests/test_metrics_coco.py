@@ -264,11 +264,22 @@ def test_fid_and_is_pipeline_against_hand_computation(stub_inception):
 
 
 def test_is_with_splits_reports_spread(stub_inception):
+    """IS over 5 splits against a hand computation: torchmetrics shuffles with torch's global RNG
+    (``randperm``) before splitting, so the same seed gives the hand computation the same splits."""
     weights, _ = stub_inception
     fake = _images([(32, 32)] * 20, seed=3)
+    torch.manual_seed(11)
     with pytest.warns(UserWarning, match="not the standard FID Inception file"):
-        res = coco_metrics(fake, ["p"] * 20, inception_weights=str(weights), metrics=("is",), is_splits=10)
-    assert res["is_mean"] >= 1.0 and math.isfinite(res["is_std"]) and res["is_std"] >= 0
+        res = coco_metrics(fake, ["p"] * 20, inception_weights=str(weights), metrics=("is",), is_splits=5)
+    torch.manual_seed(11)
+    logits = torch.from_numpy(_feats(_TinyFeatures(10), fake))[torch.randperm(20)]
+    per_split = []
+    for part in logits.chunk(5):
+        p, logp = part.softmax(1), part.log_softmax(1)
+        per_split.append(float(torch.exp((p * (logp - p.mean(0, keepdim=True).log())).sum(1).mean())))
+    assert res["is_mean"] == pytest.approx(float(np.mean(per_split)), rel=1e-6)
+    assert res["is_std"] == pytest.approx(float(np.std(per_split, ddof=1)), rel=1e-6)  # the spread over splits
+    assert res["is_std"] > 0.01  # splits that really differ
 
 
 # --------------------------------------------------------------------------- real weights
