@@ -83,3 +83,33 @@ def _mtime(p: Path) -> float | None:
         return os.stat(p).st_mtime
     except OSError:
         return None
+
+
+def weights_bytes(folder: Path) -> int:
+    """Bytes of the model's weight files (safetensors / bin / onnx): what loading it needs at least."""
+    return sum(f.stat().st_size for pat in ("*.safetensors", "*.bin", "*.onnx", "*.onnx_data")
+               for f in Path(folder).rglob(pat) if f.is_file())
+
+
+def available_memory_bytes() -> int | None:
+    """``MemAvailable`` of /proc/meminfo (None where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(model: str, name: str | None = None, available: int | None = None) -> None:
+    """Refuse to load ``model`` when its weights alone exceed the memory still available (a clear
+    start-up error instead of the OOM killer halfway through loading several models)."""
+    from slimsd.models import resolve_model
+
+    need = weights_bytes(resolve_model(model))
+    free = available if available is not None else available_memory_bytes()
+    if free is not None and need > free:
+        raise MemoryError(f"model {name or model!r}: its weights take {need / 2**20:.0f} MiB but only "
+                          f"{free / 2**20:.0f} MiB of memory is available; serve fewer models (--max-models) or a "
+                          f"smaller one")

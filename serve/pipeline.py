@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -76,9 +76,14 @@ class Pipeline:
 
     def generate(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None, seeds: Sequence[int],
                  steps: int | None = None, guidance: float | None = None, height: int | None = None,
-                 width: int | None = None, scheduler: str | None = None) -> np.ndarray:
-        """uint8 [N, H, W, 3] for N prompts; None picks the model's defaults."""
-        return generate_with_defaults(self.runners, self.tokenizer, self.scheduler(scheduler), self.spec, self.defaults,
+                 width: int | None = None, scheduler: str | None = None,
+                 callback: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
+        """uint8 [N, H, W, 3] for N prompts; None picks the model's defaults.
+
+        ``callback(i, x)`` runs before the U-Net call of step ``i`` (``i`` steps done; ``x`` its
+        input latents); an exception it raises stops the loop there (the engine's interrupt)."""
+        runners = self.runners if callback is None else StepObserved(self.runners, callback)
+        return generate_with_defaults(runners, self.tokenizer, self.scheduler(scheduler), self.spec, self.defaults,
                                       prompts, negative_prompts, steps=steps, guidance=guidance, seeds=seeds,
                                       height=height, width=width)
 
@@ -87,6 +92,26 @@ class Pipeline:
         t0 = time.perf_counter()
         self.generate(["warm-up"], None, [0], steps=2)
         return time.perf_counter() - t0
+
+
+class StepObserved:
+    """Runners that call ``callback(i, x)`` before the U-Net call of each denoising step: one U-Net
+    call per step in :func:`slimsd.denoise.generate` (CFG rows go in one call), on every backend."""
+
+    def __init__(self, inner, callback: Callable[[int, np.ndarray], None]):
+        self.inner, self.callback, self.step = inner, callback, 0
+
+    def text_encoder(self, ids):
+        return self.inner.text_encoder(ids)
+
+    def unet(self, x, t, emb):
+        self.callback(self.step, x)
+        out = self.inner.unet(x, t, emb)
+        self.step += 1
+        return out
+
+    def vae_decoder(self, latents):
+        return self.inner.vae_decoder(latents)
 
 
 def load_served_pipeline(settings) -> Pipeline:

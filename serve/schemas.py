@@ -46,7 +46,8 @@ class ImageGenerationRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     prompt: str = Field(description="what to draw")
-    model: str | None = Field(None, description="the served model's id; omitted = it")
+    model: str | None = Field(None, description="id of one of the served models (GET /v1/models); omitted = the "
+                                                "default")
     n: int = Field(1, ge=1, description="number of images")
     size: str | None = Field(None, description="'WIDTHxHEIGHT'; default the model's native size")
     response_format: Literal["b64_json", "url"] | None = Field(
@@ -70,19 +71,19 @@ class ImageGenerationRequest(BaseModel):
         return v
 
     FIELDS: ClassVar[dict[str, str]] = {"steps": "num_inference_steps", "guidance": "guidance_scale"}
+    MODEL_FIELD: ClassVar[str] = "model"
+
+    def model_choice(self) -> str | None:
+        return self.model
 
     def to_params(self, engine, settings):
         """This request as :class:`~slimsd.serve.service.GenerationParams`: defaults filled, limits checked."""
-        from .errors import APIError, bad_request
+        from .errors import bad_request
         from .service import Limits
 
         if self.response_format == "url":
             raise bad_request("response_format", "'url' is not supported (images are not stored); use 'b64_json'",
                               "unsupported_value")
-        pipe = engine.pipeline
-        if self.model is not None and pipe is not None and self.model != pipe.name:
-            raise APIError(404, f"model: {self.model!r} is not served here; this server serves {pipe.name!r}",
-                           "model", "model_not_found")
         size = None if self.size in (None, "auto") else parse_size(self.size)
         return Limits.of(engine, settings).resolve(
             prompt=self.prompt, negative_prompt=self.negative_prompt, n=self.n, size=size,
@@ -118,6 +119,12 @@ class Txt2ImgRequest(BaseModel):
     n_iter: int = Field(1, ge=1, description="batches; images = batch_size * n_iter")
     sampler_name: str | None = Field(None, description="DDIM, Euler, Euler a, DPM++ 2M (or ddim/euler/euler_a/dpm++)")
     sampler_index: str | None = Field(None, description="older name of sampler_name")
+    scheduler: str | None = Field(None, description="A1111 schedule type: 'Automatic' (the model's own timestep "
+                                                    "spacing, the only one slimsd runs); a sampler name is taken as "
+                                                    "sampler_name")
+    override_settings: dict[str, Any] = Field(default_factory=dict, description="sd_model_checkpoint picks the "
+                                              "model for this request; other keys are ignored")
+    override_settings_restore_afterwards: bool = True
 
     @field_validator("prompt")
     @classmethod
@@ -127,11 +134,24 @@ class Txt2ImgRequest(BaseModel):
     FIELDS: ClassVar[dict[str, str]] = {"n": "batch_size", "steps": "steps", "guidance": "cfg_scale",
                                         "size": "width/height", "scheduler": "sampler_name"}
 
+    MODEL_FIELD: ClassVar[str] = "override_settings.sd_model_checkpoint"
+
+    def model_choice(self) -> str | None:
+        v = self.override_settings.get("sd_model_checkpoint")
+        if v is not None and not isinstance(v, str):
+            from .errors import bad_request
+
+            raise bad_request(self.MODEL_FIELD, f"must be a model title (a string), got {v!r}")
+        return v
+
     def to_params(self, engine, settings):
         """This request as :class:`~slimsd.serve.service.GenerationParams`: defaults filled, limits checked."""
-        from .service import Limits, a1111_sampler
+        from .service import Limits, a1111_sampler, a1111_schedule
 
-        scheduler = a1111_sampler(self.sampler_name or self.sampler_index)
+        sampler = self.sampler_name or self.sampler_index
+        if a1111_schedule(self.scheduler) is not None and not sampler:  # a sampler sent as the scheduler
+            sampler = self.scheduler
+        scheduler = a1111_sampler(sampler)
         limits = Limits.of(engine, settings)
         size = None
         if self.width is not None or self.height is not None:
@@ -148,6 +168,55 @@ class Txt2ImgResponse(BaseModel):
     info: str  # a JSON string, as AUTOMATIC1111 returns it
 
 
+# the shapes of AUTOMATIC1111's modules/api/models.py, field for field
+class SDModelItem(BaseModel):
+    title: str
+    model_name: str
+    hash: str | None = None
+    sha256: str | None = None
+    filename: str
+    config: str | None = None
+
+
+class SamplerItem(BaseModel):
+    name: str
+    aliases: list[str]
+    options: dict[str, str]
+
+
+class SchedulerItem(BaseModel):
+    name: str
+    label: str
+    aliases: list[str] | None = None
+    default_rho: float | None = None
+    need_inner_model: bool | None = None
+
+
+class ProgressResponse(BaseModel):
+    progress: float = Field(description="0..1 of the job being computed (0 when idle)")
+    eta_relative: float = Field(description="seconds left, estimated from the steps so far")
+    state: dict[str, Any] = Field(description="skipped, interrupted, job, job_count, job_timestamp, job_no, "
+                                              "sampling_step, sampling_steps")
+    current_image: str | None = Field(None, description="base64 PNG of the current latents (None when "
+                                                        "skip_current_image or idle)")
+    textinfo: str | None = None
+
+
+# -- the job API ------------------------------------------------------------------------------
+class ImageJob(BaseModel):
+    id: str
+    object: Literal["image.job"] = "image.job"
+    model: str
+    created: int
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    progress: float = Field(0.0, description="0..1: denoising steps done / steps")
+    step: int = 0
+    steps: int
+    queue_position: int | None = Field(None, description="0 = next to run; None unless queued")
+    result: ImagesResponse | None = None
+    error: "ErrorDetail | None" = None
+
+
 # -- errors and probes ------------------------------------------------------------------------
 class ErrorDetail(BaseModel):
     message: str
@@ -162,7 +231,8 @@ class ErrorResponse(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok", "loading", "draining", "failed"]
-    model: str | None = None
+    model: str | None = None  # the default model
+    models: list[str] | None = None  # every served model, the default first
     backend: str | None = None
     detail: str | None = None
 
@@ -177,8 +247,15 @@ class ModelCard(BaseModel):
     image_size: list[int]
     default_steps: int
     default_guidance: float
+    default: bool = Field(False, description="the model a request without `model` gets")
+    memory_bytes: int | None = Field(None, description="resident memory its load added (models load one after the "
+                                                       "other)")
+    load_s: float | None = None
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+ImageJob.model_rebuild()

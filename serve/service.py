@@ -12,11 +12,12 @@ import base64
 import io
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from .engine import BatchKey, Engine, Job
-from .errors import bad_request
+from .engine import BatchKey, Engine, Engines, Job, UnknownModel
+from .errors import APIError, bad_request
 from .pipeline import SCHEDULERS
 from .schemas import MAX_SEED
 from .settings import ServeSettings
@@ -24,6 +25,12 @@ from .settings import ServeSettings
 # AUTOMATIC1111 sampler names -> ours (ours are accepted too)
 A1111_SAMPLERS = {"ddim": "ddim", "euler": "euler", "euler a": "euler_a", "dpm++ 2m": "dpm++",
                   "dpm++ 2m karras": None}  # None: known name, not offered
+# ours -> (A1111's name, its aliases as /sdapi/v1/samplers lists them)
+A1111_NAMES = {"ddim": ("DDIM", ["ddim"]), "euler": ("Euler", ["k_euler"]), "euler_a": ("Euler a", ["k_euler_a"]),
+               "dpm++": ("DPM++ 2M", ["k_dpmpp_2m"])}
+# A1111's schedule types (the noise schedule, separate from the sampler since A1111 1.9): slimsd runs the
+# model's own timestep spacing from its scheduler config, which is A1111's "Automatic"
+A1111_SCHEDULES = {"automatic": "Automatic"}
 
 
 @dataclass
@@ -108,10 +115,26 @@ def resolve(engine: Engine, settings: ServeSettings, **request) -> GenerationPar
     return Limits.of(engine, settings).resolve(**request)
 
 
+def make_job(p: GenerationParams) -> Job:
+    return Job(BatchKey(p.height, p.width, p.steps, p.guidance, p.scheduler), [p.prompt] * p.n,
+               [p.negative_prompt] * p.n, [p.seed + i for i in range(p.n)])
+
+
 async def run(engine: Engine, p: GenerationParams) -> np.ndarray:
-    job = Job(BatchKey(p.height, p.width, p.steps, p.guidance, p.scheduler), [p.prompt] * p.n,
-              [p.negative_prompt] * p.n, [p.seed + i for i in range(p.n)])
-    return await engine.submit(job)
+    return await engine.submit(make_job(p))
+
+
+async def run_timed(engine: Engine, p: GenerationParams) -> tuple[np.ndarray, Job]:
+    """The images and the job (its ``timings_ms``: queue wait and inference)."""
+    job = make_job(p)
+    return await engine.submit(job), job
+
+
+def server_timing(job: Job, total_s: float, model: str, steps: int) -> dict[str, str]:
+    """Response headers with the server-side latency (``Server-Timing``, readable by the playground)."""
+    t = job.timings_ms
+    parts = [f"{k};dur={v:.1f}" for k, v in t.items()] + [f"total;dur={1000 * total_s:.1f}"]
+    return {"Server-Timing": ", ".join(parts), "X-Slimsd-Model": model, "X-Slimsd-Steps": str(steps)}
 
 
 def png_b64(image: np.ndarray) -> str:
@@ -130,5 +153,70 @@ def a1111_sampler(name: str | None) -> str | None:
         return key
     if key in A1111_SAMPLERS and A1111_SAMPLERS[key]:
         return A1111_SAMPLERS[key]
-    offered = ["DDIM", "Euler", "Euler a", "DPM++ 2M"]
+    offered = [a for a, _ in A1111_NAMES.values()]
     raise bad_request("sampler_name", f"{name!r} is not available; choose one of {', '.join(offered)}")
+
+
+def a1111_schedule(name: str | None) -> str | None:
+    """``txt2img.scheduler``: None / "Automatic" -> None (the model's own); a sampler name -> that
+    name (so a client that sends the sampler there still works); anything else a 400 naming it."""
+    if name is None or name.strip().lower() in ("", *A1111_SCHEDULES):
+        return None
+    key = name.strip().lower()
+    if key in SCHEDULERS or A1111_SAMPLERS.get(key):
+        return name
+    raise bad_request("scheduler", f"{name!r} is not available: slimsd runs the model's own noise schedule; choose "
+                                   f"{', '.join(A1111_SCHEDULES.values())} (or leave it out)")
+
+
+def a1111_name(scheduler: str) -> str:
+    return A1111_NAMES.get(scheduler, (scheduler,))[0]
+
+
+def pick_engine(engines: Engines, name: str | None, field: str) -> Engine:
+    """The engine a request names (None: the default); an unknown id is a 404 naming ``field`` and the choices.
+    A1111 titles (``"id [hash]"``) are accepted for the id."""
+    if name and name not in engines.names:
+        base = name.rsplit(" [", 1)[0] if name.endswith("]") else name
+        name = base if base in engines.names else name
+    try:
+        return engines.get(name)
+    except UnknownModel as e:
+        raise APIError(404, f"{field}: {e}", field, "model_not_found") from None
+
+
+_HASHES: dict[str, str] = {}
+
+
+def model_sha256(pipe) -> str:
+    """sha256 of the model's U-Net weights (A1111's checkpoint hash): the one ``manifest.json``
+    records when it does, else computed once per folder."""
+    import hashlib
+    import json
+
+    folder = Path(pipe.folder)
+    key = str(folder.resolve())
+    if key not in _HASHES:
+        weights = sorted((folder / "unet").glob("*.safetensors")) or sorted((folder / "unet").glob("*.bin"))
+        digest = None
+        try:
+            files = json.loads((folder / "manifest.json").read_text()).get("files", {})
+            digest = files.get(f"unet/{weights[0].name}") if weights else None
+        except (OSError, ValueError, AttributeError):
+            pass
+        if not isinstance(digest, str):
+            h = hashlib.sha256()
+            for w in weights:
+                with open(w, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        h.update(chunk)
+            if not weights:
+                h.update(key.encode())
+            digest = h.hexdigest()
+        _HASHES[key] = digest
+    return _HASHES[key]
+
+
+def a1111_title(name: str, pipe) -> str:
+    """``"name [hash10]"``, as A1111 titles checkpoints (clients send it back as sd_model_checkpoint)."""
+    return f"{name} [{model_sha256(pipe)[:10]}]"

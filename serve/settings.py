@@ -24,7 +24,13 @@ class ServeSettings(BaseModel):
     # -- what to serve --------------------------------------------------------------------
     model: str | None = Field(None, description="preset, diffusers folder or hub id; None = the compressed "
                                                 "model (tiny-sd-slim) when it resolves, else the teacher tiny-sd")
-    model_name: str | None = Field(None, description="id clients see (OpenAI `model`); default: the model argument")
+    models: list[str] = Field(default_factory=list, json_schema_extra={"flag": "--model"},
+                              description="more models in the same server (after MODEL), each as MODEL or "
+                                          "NAME=MODEL; clients pick one by id (OpenAI `model`, A1111 "
+                                          "override_settings.sd_model_checkpoint); the first served is the default")
+    model_name: str | None = Field(None, description="id clients see (OpenAI `model`) for the first model; default: "
+                                                     "the model argument")
+    max_models: int = Field(4, ge=1, description="most models one server loads; more is a start-up error")
     backend: Backend = Field("auto", description="auto = the measured fastest accurate runtime here: onnxruntime on "
                                                  "a CUDA GPU and for small U-Nets (< 100M params); for SD-size U-Nets "
                                                  "on a BF16 CPU openvino bf16 (torch bf16 without openvino); else "
@@ -68,14 +74,42 @@ class ServeSettings(BaseModel):
 
     # -- batching and queueing ------------------------------------------------------------
     max_batch_size: int = Field(8, ge=1, description="images per backend call")
-    max_wait_ms: float = Field(20.0, ge=0, description="how long the first request of a batch waits for company")
+    max_wait_ms: float = Field(0.0, ge=0, description="how long the oldest request of an idle engine waits for "
+                               "company; 0 = continuous batching: batches form from requests that arrive while one "
+                               "runs, a lone request starts at once")
     max_queue: int = Field(32, ge=1, description="requests waiting; beyond it: 429 with Retry-After")
     workers: int = Field(1, ge=1, description="inference threads (more only helps with triton or several GPUs)")
     request_timeout_s: float = Field(120.0, gt=0, description="queue + inference time before a 504")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM: how long running requests may finish")
     warmup: bool = Field(True, description="one 2-step generation before /health/ready turns 200")
+    job_ttl_s: float = Field(600.0, gt=0, description="job API: how long a finished job's result is kept")
+    max_finished_jobs: int = Field(64, ge=1, description="job API: most finished jobs kept (oldest dropped first)")
 
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    def served(self) -> list[tuple[str, str]]:
+        """``(id, model)`` of every model to serve, the default first: ``model`` then ``models``;
+        ``NAME=MODEL`` names one; ``model_name`` names the first; nothing given = :func:`default_model`."""
+        specs = ([self.model] if self.model else []) + list(self.models)
+        if not specs:
+            from .models import default_model
+
+            specs = [default_model()]
+        out = []
+        for i, spec in enumerate(specs):
+            name, sep, model = spec.partition("=")
+            if not sep or "/" in name or not name or not model:
+                name, model = spec, spec
+            out.append((self.model_name if i == 0 and self.model_name else name, model))
+        return out
+
+    @model_validator(mode="after")
+    def _bounded(self):
+        n = len(([self.model] if self.model else []) + list(self.models))
+        if n > self.max_models:
+            raise ValueError(f"model: {n} models given, at most max_models={self.max_models} (--max-models) load "
+                             f"in one server")
+        return self
 
     @model_validator(mode="after")
     def _key_from_env(self):

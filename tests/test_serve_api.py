@@ -65,7 +65,10 @@ def png(b64: str) -> np.ndarray:
 
 
 def metric(c, name: str, labels: dict | None = None) -> float:
-    return c.app.state.metrics.registry.get_sample_value(name, labels or {}) or 0.0
+    """The sum of ``name``'s samples whose labels include ``labels`` (e.g. over every model)."""
+    labels = labels or {}
+    return sum(s.value for fam in c.app.state.metrics.registry.collect() for s in fam.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 def assert_error(r, status: int, param=None, code=None, contains: str | None = None):
@@ -157,20 +160,20 @@ def test_a1111_txt2img(pipe):
         assert set(body) == {"images", "parameters", "info"} and len(body["images"]) == 2
         info = json.loads(body["info"])
         assert info["all_seeds"] == [3, 4] and info["steps"] == 4 and info["cfg_scale"] == 5
-        assert info["sampler_name"] == "euler_a" and body["parameters"]["prompt"] == PROMPT
+        assert info["sampler_name"] == "Euler a" and body["parameters"]["prompt"] == PROMPT  # A1111's own name
         # the same request through the OpenAI route gives the same pixels
         o = c.post(GEN, json={"prompt": PROMPT, "negative_prompt": "blurry", "num_inference_steps": 4,
                               "guidance_scale": 5, "seed": 3, "scheduler": "euler_a"}).json()["data"][0]
         assert np.array_equal(png(body["images"][0]), png(o["b64_json"]))
         d = c.post(A1111, json={"prompt": PROMPT, "steps": 2}).json()
-        assert json.loads(d["info"])["width"] == 64 and json.loads(d["info"])["sampler_name"] == "ddim"
+        assert json.loads(d["info"])["width"] == 64 and json.loads(d["info"])["sampler_name"] == "DDIM"
 
 
 def test_models_health_metrics_and_playground(pipe):
     with serving(pipe) as c:
         assert c.get("/health/live").json()["status"] == "ok"
-        assert c.get("/health/ready").json() == {"status": "ok", "model": "tiny-sd", "backend": "onnxruntime",
-                                                 "detail": None}
+        assert c.get("/health/ready").json() == {"status": "ok", "model": "tiny-sd", "models": ["tiny-sd"],
+                                                 "backend": "onnxruntime", "detail": None}
         card = c.get("/v1/models").json()["data"][0]
         assert card["id"] == "tiny-sd" and card["default_steps"] == 25 and card["image_size"] == [64, 64]
         c.post(GEN, json={"prompt": PROMPT, "num_inference_steps": 2})

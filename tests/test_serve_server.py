@@ -117,11 +117,16 @@ def test_the_official_openai_client_works_unchanged(server):
 
 
 def _metric(text: str, name: str, labels: str = "") -> float:
+    """The sum of ``name``'s samples (over every model) whose labels contain ``labels`` ('k="v",...')."""
+    total = 0.0
     for line in text.splitlines():
-        if line.startswith(name + (("{" + labels + "}") if labels else "")) and not line.startswith("#"):
-            if labels or line.split(" ")[0] == name:
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
+        if line.startswith("#"):
+            continue
+        series, _, value = line.rpartition(" ")
+        base, _, rest = series.partition("{")
+        if base == name and all(part in rest for part in filter(None, labels.split(","))):
+            total += float(value)
+    return total
 
 
 def test_concurrent_requests_are_batched_on_the_real_server(server):
