@@ -33,8 +33,9 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 SECTIONS = ("model", "out", "work_dir", "sensitivity", "prune", "stage1", "stage2", "evaluate", "seed")
 
@@ -127,194 +128,217 @@ def _barrier():
         st.wait_for_everyone()
 
 
+@dataclass
+class Stage:
+    """One link of the chain: its output folder, its fingerprint (of its settings and of
+    ``upstream``, the fingerprint of the stage before it) and how to make it."""
+
+    name: str
+    out: Path
+    fingerprint: Callable[[str], str]
+    complete: Callable[[], bool]  # the output is whole (a killed run leaves it incomplete)
+    run: Callable[[], None] | None  # None: given (a report the config names), nothing to run
+    command: str | None = None  # how the stage is run by hand, for the record
+    main_only: bool = False  # run on the main process only, the others wait
+    stale: tuple[Path, ...] = ()  # outputs of other settings, removed before a rerun (never resumed)
+    record: dict = field(default_factory=dict)  # kept in build_state.json beside the fingerprint
+
+
+def run_stages(stages: list[Stage], state: dict, save_state, upstream: str, force: bool, records: list) -> None:
+    """The one caching rule: a stage is skipped when no stage before it ran, its fingerprint is
+    the one recorded in ``build_state.json`` and its output is complete; otherwise it runs (its
+    stale outputs removed first when the fingerprint changed), and so does every stage after it.
+    Appends ``{"stage", "status", "out", "seconds"}`` to ``records`` as each stage ends."""
+    rerun = force
+    for st in stages:
+        t0 = time.time()
+        sha = upstream = st.fingerprint(upstream)
+        if st.run is None:
+            status = "given"
+        elif not rerun and state.get(st.name, {}).get("sha") == sha and st.complete():
+            status = "skipped"
+        else:
+            if state.get(st.name, {}).get("sha") != sha and _is_main():
+                for p in st.stale:
+                    if p.exists():
+                        shutil.rmtree(p)
+            _barrier()
+            if _is_main() or not st.main_only:
+                st.run()
+            _barrier()
+            state[st.name] = {"sha": sha, **st.record}
+            if _is_main():
+                save_state()
+            status, rerun = "ran", True
+        records.append({"stage": st.name, "status": status, "out": str(st.out), "seconds": round(time.time() - t0, 1)})
+
+
 def build(cfg: dict, force: bool = False, config_path: str | None = None) -> dict:
     """Run the chain; returns ``{"out", "stages": [{"stage", "status", "out", "seconds"}], ...}``."""
-    from slimsd.compress.prune import PRESETS, plan_pruning, prune_pipeline, unet_block_costs
-    from slimsd.compress.sensitivity import SensitivityConfig, run_sensitivity
-    from slimsd.compress.train import TrainConfig, config_from_dict, read_slimsd_json, train
-    from slimsd.manifest import write_manifest
-
     _validate(cfg)
     model, out = str(cfg["model"]), Path(cfg["out"])
     work = Path(cfg.get("work_dir") or out.with_name(out.name + ".build"))
     work.mkdir(parents=True, exist_ok=True)
     state, save_state = _state_rw(work)
-    stages, commands = [], []
-    upstream = _sha({"model": model})
-    rerun = force  # once a stage reruns, every later stage reruns
+    stages, report_path = _sensitivity_stages(cfg, model, work)
+    stages.append(_prune_stage(cfg, model, work, report_path))
+    stages += _training_stages(cfg, model, work)
+    records: list[dict] = []
+    commands = [st.command for st in stages if st.command]
+    stages.append(_final_stage(cfg, model, out, work, stages[-1].out, records, commands, config_path))
+    run_stages(stages, state, save_state, _sha({"model": model}), force, records)
+    return {"out": str(out), "stages": records, "work_dir": str(work)}
 
-    def record(name, status, folder, t0, **extra):
-        stages.append({"stage": name, "status": status, "out": str(folder), "seconds": round(time.time() - t0, 1), **extra})
 
-    def done(name, sha, folder_ok) -> bool:
-        return not rerun and state.get(name, {}).get("sha") == sha and folder_ok
+# ---------------------------------------------------------------------------------------
+# the stages
+# ---------------------------------------------------------------------------------------
+def _sensitivity_stages(cfg: dict, model: str, work: Path) -> tuple[list[Stage], Path | None]:
+    """``([the sensitivity stage] or [], the report's path)``: a report named by the config is
+    "given"; settings run ``slimsd compress sensitivity`` (resumable per block)."""
+    from slimsd.compress.sensitivity import SensitivityConfig, run_sensitivity
 
-    # --- 1. sensitivity -------------------------------------------------------------------
     sens_cfg = dict(cfg.get("sensitivity") or {})
-    report_path = None
     if sens_cfg.get("report"):
         report_path = Path(sens_cfg["report"])
         if not report_path.is_file():
             raise FileNotFoundError(f"sensitivity report {report_path} does not exist")
-        upstream = _sha([upstream, "report", hashlib.sha256(report_path.read_bytes()).hexdigest()])
-        record("sensitivity", "given", report_path, time.time())
-        commands.append(f"# sensitivity report given: {report_path}")
-    elif sens_cfg:
-        t0 = time.time()
-        sens_dir = work / "sensitivity"
-        sc = SensitivityConfig(model=model, out=str(sens_dir), **sens_cfg)
-        sha = _sha([upstream, {k: v for k, v in asdict(sc).items() if k != "out"}])
-        report_path = sens_dir / "sensitivity.json"
-        commands.append(f"slimsd compress sensitivity {model} --out {sens_dir} " + _argv(sens_cfg))
-        if done("sensitivity", sha, report_path.is_file()):
-            record("sensitivity", "skipped", sens_dir, t0)
-        else:
-            if state.get("sensitivity", {}).get("sha") != sha and sens_dir.exists() and _is_main():
-                shutil.rmtree(sens_dir)  # other settings: the per-block results cannot be reused
-            _barrier()
-            run_sensitivity(sc, _state())  # resumable per block
-            _barrier()
-            state["sensitivity"] = {"sha": sha, "report": str(report_path)}
-            if _is_main():
-                save_state()
-            rerun = True
-            record("sensitivity", "ran", sens_dir, t0)
-        upstream = sha
+        digest = hashlib.sha256(report_path.read_bytes()).hexdigest()
+        return [Stage("sensitivity", report_path, lambda up: _sha([up, "report", digest]), report_path.is_file, None,
+                      command=f"# sensitivity report given: {report_path}")], report_path
+    if not sens_cfg:
+        return [], None
+    sens_dir = work / "sensitivity"
+    sc = SensitivityConfig(model=model, out=str(sens_dir), **sens_cfg)
+    settings = {k: v for k, v in asdict(sc).items() if k != "out"}
+    report_path = sens_dir / "sensitivity.json"
+    return [Stage("sensitivity", sens_dir, lambda up: _sha([up, settings]), report_path.is_file,
+                  lambda: run_sensitivity(sc, _state()),
+                  command=f"slimsd compress sensitivity {model} --out {sens_dir} " + _argv(sens_cfg),
+                  stale=(sens_dir,), record={"report": str(report_path)})], report_path
 
-    # --- 2. prune ---------------------------------------------------------------------------
-    t0 = time.time()
+
+def _prune_stage(cfg: dict, model: str, work: Path, report_path: Path | None) -> Stage:
+    """The plan is made when the stage's turn comes (it reads the sensitivity report); its
+    fingerprint is the removed blocks, so another budget that removes the same blocks is a skip."""
+    from slimsd.compress.prune import plan_from_config, prune_pipeline
+
     prune_cfg = dict(cfg["prune"])
-    if "preset" in prune_cfg:
-        if prune_cfg["preset"] not in PRESETS:
-            raise ValueError(f"prune preset must be one of {sorted(PRESETS)}, got {prune_cfg['preset']!r}")
-        plan = {"preset": prune_cfg["preset"], "removed_blocks": PRESETS[prune_cfg["preset"]]}
-        prune_cmd = f"--preset {prune_cfg['preset']}"
-    elif "blocks" in prune_cfg:
-        plan = {"removed_blocks": list(prune_cfg["blocks"])}
-        prune_cmd = f"--blocks {','.join(plan['removed_blocks'])}"
-    else:
-        report = json.loads(report_path.read_text())
-        policy = prune_cfg.get("policy", "sensitivity")
-        need_latency = policy == "sensitivity-per-ms" or prune_cfg.get("target_latency_ms") is not None
-        params, lat, total, total_ms = unet_block_costs(model, need_latency, prune_cfg.get("latent_size"))
-        tp = prune_cfg.get("target_params")
-        plan = plan_pruning(report, policy, keep_params=prune_cfg.get("keep_params"),
-                            target_params=int(float(tp)) if tp is not None else None,
-                            target_latency_ms=prune_cfg.get("target_latency_ms"), latency_ms=lat or None, params=params,
-                            total_params=total, total_latency_ms=total_ms, tolerance=prune_cfg.get("tolerance", 0.02))
-        if not plan["met"]:
-            raise ValueError(f"the pruning budget {plan['budget']} cannot be met with the removable blocks")
-        plan["sensitivity_report"] = str(report_path)
-        prune_cmd = f"--report {report_path} " + _argv(prune_cfg)
     pruned_dir = work / "pruned"
-    sha = _sha([upstream, plan["removed_blocks"]])
-    commands.append(f"slimsd compress prune {model} --out {pruned_dir} {prune_cmd}")
-    if done("prune", sha, (pruned_dir / "prune_plan.json").is_file()):
-        record("prune", "skipped", pruned_dir, t0)
-    else:
-        if _is_main():
-            prune_pipeline(model, plan["removed_blocks"], pruned_dir, plan)
-            state["prune"] = {"sha": sha}
-            save_state()
-        _barrier()
-        rerun = True
-        record("prune", "ran", pruned_dir, t0)
-    upstream = sha
-    final_plan = json.loads((pruned_dir / "prune_plan.json").read_text())
+    plan: dict = {}
 
-    # --- 3./4. training stages ----------------------------------------------------------------
-    base_seed = cfg.get("seed")
-    prev = pruned_dir
-    last = None
+    def fingerprint(up: str) -> str:
+        plan.update(plan_from_config(model, prune_cfg, report_path))
+        if "met" in plan and not plan["met"]:
+            raise ValueError(f"the pruning budget {plan['budget']} cannot be met with the removable blocks")
+        return _sha([up, plan["removed_blocks"]])
+
+    if "preset" in prune_cfg:
+        flags = f"--preset {prune_cfg['preset']}"
+    elif "blocks" in prune_cfg:
+        flags = f"--blocks {','.join(prune_cfg['blocks'])}"
+    else:
+        flags = f"--report {report_path} " + _argv(prune_cfg)
+    return Stage("prune", pruned_dir, fingerprint, (pruned_dir / "prune_plan.json").is_file,
+                 lambda: prune_pipeline(model, plan["removed_blocks"], pruned_dir, plan),
+                 command=f"slimsd compress prune {model} --out {pruned_dir} {flags}", main_only=True)
+
+
+def _training_stages(cfg: dict, model: str, work: Path) -> list[Stage]:
+    """Stage 1: the pruned student, the unpruned teacher; stage 2: the stage-1 student is both.
+    A changed stage starts afresh; an unchanged, unfinished one resumes from its last checkpoint."""
+    from slimsd.compress.train import config_from_dict, read_slimsd_json, train
+
+    stages, prev = [], work / "pruned"
     for stage in (1, 2):
         section = cfg.get(f"stage{stage}")
         if not section and stage == 2:
             break
-        t0 = time.time()
         folder = work / f"stage{stage}"
         opts = dict(section)
         for k in ("stage", "student", "teacher", "out"):
             if k in opts:
                 raise ValueError(f"stage{stage}.{k} is set by the build (student/teacher/out come from the chain)")
-        if base_seed is not None:
-            opts.setdefault("seed", base_seed)
-        # stage 1: pruned student, unpruned teacher; stage 2: the stage-1 student is both
+        if cfg.get("seed") is not None:
+            opts.setdefault("seed", cfg["seed"])
         teacher = model if stage == 1 else str(prev)
         tc = config_from_dict({"stage": stage, "student": str(prev), "teacher": teacher, "out": str(folder),
                                "resume_from_checkpoint": "latest", **opts})
-        sha = _sha([upstream, {k: v for k, v in asdict(tc).items() if k not in ("resume_from_checkpoint", "threads", "report_to")}])
-        commands.append(f"slimsd compress train --stage {stage} --student {prev} --teacher {teacher} --out {folder} "
-                        + _argv(opts) + " --resume-from-checkpoint latest")
-        info = read_slimsd_json(folder)
-        if done(f"stage{stage}", sha, bool(info and info.get("complete"))):
-            record(f"stage{stage}", "skipped", folder, t0)
-        else:
-            if state.get(f"stage{stage}", {}).get("sha") != sha and _is_main():
-                # other settings or upstream: stale checkpoints must not be resumed
-                for p in (folder, folder.with_name(folder.name + ".work")):
-                    if p.exists():
-                        shutil.rmtree(p)
-            _barrier()
-            train(tc)
-            state[f"stage{stage}"] = {"sha": sha}
-            if _is_main():
-                save_state()
-            rerun = True
-            record(f"stage{stage}", "ran", folder, t0)
-        upstream = sha
-        prev = last = folder
+        settings = {k: v for k, v in asdict(tc).items() if k not in ("resume_from_checkpoint", "threads", "report_to")}
+        stages.append(Stage(
+            f"stage{stage}", folder, lambda up, s=settings: _sha([up, s]),
+            lambda f=folder: bool((read_slimsd_json(f) or {}).get("complete")), lambda tc=tc: train(tc),
+            command=f"slimsd compress train --stage {stage} --student {prev} --teacher {teacher} --out {folder} "
+                    + _argv(opts) + " --resume-from-checkpoint latest",
+            stale=(folder, folder.with_name(folder.name + ".work"))))
+        prev = folder
+    return stages
 
-    # --- 5. final folder --------------------------------------------------------------------
-    t0 = time.time()
+
+def _final_stage(cfg: dict, model: str, out: Path, work: Path, last: Path, records: list, commands: list,
+                 config_path: str | None) -> Stage:
     ev = dict(cfg.get("evaluate") or {})
-    sha = _sha([upstream, ev, str(out)])
-    if done("final", sha, (out / "manifest.json").is_file() and (out / "slimsd.json").is_file()):
-        record("final", "skipped", out, t0)
-        return {"out": str(out), "stages": stages, "work_dir": str(work)}
-    if _is_main():
-        tmp = out.with_name(out.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(last, tmp)
-        shutil.rmtree(tmp / "eval", ignore_errors=True)  # stage evaluations stay in work_dir
-        info = json.loads((tmp / "slimsd.json").read_text())
-        defaults = info["defaults"]
-        metrics = {}
-        if ev.get("num_prompts", 0) > 0:
-            from slimsd.evaluator import evaluate
+    return Stage("final", out, lambda up: _sha([up, ev, str(out)]),
+                 lambda: (out / "manifest.json").is_file() and (out / "slimsd.json").is_file(),
+                 lambda: _write_final(cfg, model, out, work, last, ev, records, commands, config_path),
+                 main_only=True)
 
-            settings = ev.get("settings") or [[defaults["steps"], defaults["guidance"]]]
-            for steps, guidance in settings:
-                tag = f"steps{steps}_cfg{guidance:g}"
-                r = evaluate(str(tmp), steps=int(steps), guidance=float(guidance), num_prompts=int(ev["num_prompts"]),
-                             seed=int(ev.get("seed", 0)), out=tmp / "eval" / tag)
-                metrics[tag] = {k: r[k] for k in ("fd", "alignment", "attribute_accuracy", "wall_time_s")}
-        stage_records = {}
-        for stage in (1, 2):
-            f = work / f"stage{stage}" / "training.json"
-            if f.is_file() and (stage == 1 or cfg.get("stage2")):
-                t = json.loads(f.read_text())
-                stage_records[f"stage{stage}"] = {k: t[k] for k in ("config", "wall_time_s", "s_per_step", "final_loss", "command") if k in t}
-                m = json.loads((work / f"stage{stage}" / "manifest.json").read_text()).get("metrics", {})
-                stage_records[f"stage{stage}"]["metrics"] = m
-        build_info = {
-            "config": cfg, "config_file": str(config_path) if config_path else None,
-            "commands": commands + [f"slimsd compress build {config_path or 'CONFIG'}"],
-            "stages": stages, "work_dir": str(work), "stage_records": stage_records,
-        }
-        (tmp / "build.json").write_text(json.dumps(build_info, indent=2, default=str))
-        write_manifest(tmp, model=out.name, source_model=model, prune_plan=final_plan, params=info["params"],
-                       defaults=defaults, default_steps=defaults["steps"], default_guidance=defaults["guidance"],
-                       metrics=metrics or json.loads((tmp / "manifest.json").read_text()).get("metrics", {}),
-                       eval_protocol=(f"slimsd evaluate MODEL --steps S --guidance G --num-prompts {ev.get('num_prompts')} "
-                                      f"--seed {ev.get('seed', 0)} (held-out scenes)") if metrics else None,
-                       build=build_info)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-        state["final"] = {"sha": sha}
-        save_state()
-    _barrier()
-    record("final", "ran", out, t0)
-    return {"out": str(out), "stages": stages, "work_dir": str(work)}
+
+def _write_final(cfg: dict, model: str, out: Path, work: Path, last: Path, ev: dict, records: list,
+                 commands: list, config_path: str | None) -> None:
+    """OUT: a copy of the last stage's folder, scored, with ``build.json`` and the whole record
+    in ``manifest.json``; written to ``OUT.tmp`` and renamed."""
+    from slimsd.manifest import write_manifest
+
+    final_plan = json.loads((work / "pruned" / "prune_plan.json").read_text())
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(last, tmp)
+    shutil.rmtree(tmp / "eval", ignore_errors=True)  # stage evaluations stay in work_dir
+    info = json.loads((tmp / "slimsd.json").read_text())
+    defaults = info["defaults"]
+    metrics = _final_metrics(tmp, ev, defaults)
+    build_info = {
+        "config": cfg, "config_file": str(config_path) if config_path else None,
+        "commands": commands + [f"slimsd compress build {config_path or 'CONFIG'}"],
+        "stages": list(records), "work_dir": str(work), "stage_records": _stage_records(cfg, work),
+    }
+    (tmp / "build.json").write_text(json.dumps(build_info, indent=2, default=str))
+    write_manifest(tmp, model=out.name, source_model=model, prune_plan=final_plan, params=info["params"],
+                   defaults=defaults, default_steps=defaults["steps"], default_guidance=defaults["guidance"],
+                   metrics=metrics or json.loads((tmp / "manifest.json").read_text()).get("metrics", {}),
+                   eval_protocol=(f"slimsd evaluate MODEL --steps S --guidance G --num-prompts {ev.get('num_prompts')} "
+                                  f"--seed {ev.get('seed', 0)} (held-out scenes)") if metrics else None,
+                   build=build_info)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def _final_metrics(folder: Path, ev: dict, defaults: dict) -> dict:
+    """Scores of ``folder`` at each ``evaluate.settings`` [steps, guidance] (default: its defaults)."""
+    if ev.get("num_prompts", 0) <= 0:
+        return {}
+    from slimsd.evaluator import evaluate
+
+    metrics = {}
+    for steps, guidance in ev.get("settings") or [[defaults["steps"], defaults["guidance"]]]:
+        tag = f"steps{steps}_cfg{guidance:g}"
+        r = evaluate(str(folder), steps=int(steps), guidance=float(guidance), num_prompts=int(ev["num_prompts"]),
+                     seed=int(ev.get("seed", 0)), out=folder / "eval" / tag)
+        metrics[tag] = {k: r[k] for k in ("fd", "alignment", "attribute_accuracy", "wall_time_s")}
+    return metrics
+
+
+def _stage_records(cfg: dict, work: Path) -> dict:
+    """Each training stage's config, timings, final loss, command and metrics."""
+    records = {}
+    for stage in (1, 2):
+        f = work / f"stage{stage}" / "training.json"
+        if f.is_file() and (stage == 1 or cfg.get("stage2")):
+            t = json.loads(f.read_text())
+            records[f"stage{stage}"] = {k: t[k] for k in ("config", "wall_time_s", "s_per_step", "final_loss", "command") if k in t}
+            records[f"stage{stage}"]["metrics"] = json.loads((work / f"stage{stage}" / "manifest.json").read_text()).get("metrics", {})
+    return records

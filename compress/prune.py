@@ -139,6 +139,45 @@ def plan_pruning(report: dict, policy: str = "sensitivity", keep_params: float |
     }
 
 
+# the options of a prune plan: `slimsd compress prune` flags and a build config's ``prune`` keys
+PLAN_OPTIONS = ("preset", "blocks", "policy", "keep_params", "target_params", "target_latency_ms", "tolerance",
+                "latent_size")
+
+
+def plan_from_config(model: str, options: dict, report: str | Path | None = None) -> dict:
+    """The prune plan of ``model`` from ``options`` (:data:`PLAN_OPTIONS`; None = not given), in order:
+
+    * ``preset``: BK-SDM's removals (:data:`PRESETS`);
+    * ``blocks``: an explicit list of block names;
+    * otherwise a budget (``keep_params`` / ``target_params`` / ``target_latency_ms``, ``policy``,
+      ``tolerance``) over the sensitivity ``report`` (a ``sensitivity.json``), with the parameter
+      counts (and, when the policy or budget needs them, latencies) of ``model`` itself: the
+      report may come from a proxy model with the same block names.
+    """
+    opt = {k: v for k, v in options.items() if v is not None}
+    if "preset" in opt:
+        if opt["preset"] not in PRESETS:
+            raise ValueError(f"prune preset must be one of {sorted(PRESETS)}, got {opt['preset']!r}")
+        return {"preset": opt["preset"], "removed_blocks": PRESETS[opt["preset"]]}
+    if "blocks" in opt:
+        return {"removed_blocks": list(opt["blocks"])}
+    if report is None:
+        raise ValueError("a prune plan needs a preset, a block list or a sensitivity report")
+    scores = json.loads(Path(report).read_text())
+    policy = opt.get("policy", "sensitivity")
+    need_latency = policy == "sensitivity-per-ms" or "target_latency_ms" in opt
+    params, lat, total, total_ms = unet_block_costs(model, need_latency, opt.get("latent_size"))
+    tp = opt.get("target_params")
+    if tp is not None and float(tp) <= 0:
+        raise ValueError(f"--target-params must be > 0, got {tp}")
+    plan = plan_pruning(scores, policy, keep_params=opt.get("keep_params"),
+                        target_params=int(float(tp)) if tp is not None else None,
+                        target_latency_ms=opt.get("target_latency_ms"), latency_ms=lat or None, params=params,
+                        total_params=total, total_latency_ms=total_ms, tolerance=opt.get("tolerance", 0.02))
+    plan["sensitivity_report"] = str(report)
+    return plan
+
+
 def prune_pipeline(model: str, removed_blocks: list[str], out: str | Path, plan: dict | None = None) -> Path:
     """Write a complete pipeline folder whose U-Net lacks ``removed_blocks`` (+ ``prune_plan.json``)."""
     from slimsd.manifest import write_manifest

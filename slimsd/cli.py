@@ -246,85 +246,26 @@ def _add_compress(sub):
     b.set_defaults(func=_cmd_build)
 
 
-# help of `slimsd compress train` options (TrainConfig fields; defaults shown by argparse)
-_TRAIN_HELP = {
-    "student": "student pipeline folder: a pruned model (stage 1) or the stage-1 output (stage 2)",
-    "teacher": "frozen teacher: the unpruned model (stage 1) or the stage-1 output (stage 2)",
-    "out": "pipeline folder to write (complete diffusers folder + slimsd.json + manifest.json)",
-    "work_dir": "checkpoints and tensorboard logs (default OUT.work)",
-    "data": "'scenes' or a dataset spec of slimsd.data.user (folder, csv/jsonl, shards, HF dataset)",
-    "num_latents": "training images VAE-encoded once and cached; 0 = encode every batch (streamed data)",
-    "data_seed": "which training images are encoded",
-    "resolution": "image size for user data (default: the VAE's sample_size)",
-    "caption_dropout": "share of empty captions (keeps the unconditional branch CFG needs)",
-    "max_steps": "optimisation steps",
-    "batch_size": "per process and micro-step",
-    "gradient_accumulation_steps": "micro-steps per optimisation step",
-    "learning_rate": "AdamW lr (paper: 5e-5 at batch 512 on SD v2.1; tiny-sd: see configs/tiny-sd-slim.json)",
-    "scale_lr": "multiply lr by accumulation x batch x processes",
-    "lr_scheduler": "constant | constant_with_warmup | linear | cosine | ... (diffusers get_scheduler)",
-    "mixed_precision": "no | fp16 | bf16 (fp16 needs a GPU)",
-    "use_ema": "keep an EMA of the student and save it",
-    "gradient_checkpointing": "recompute activations in the backward pass (less GPU memory)",
-    "lambda_diff": "weight of L_Diff (default 1 in both stages)",
-    "lambda_out_kd": "weight of L_OutKD, eq. 2 (stage 1 default 1)",
-    "lambda_cfg_kd": "weight of L_CfgKD, eq. 1 (stage 1 default 1; 0 = the ablation without it)",
-    "cfg_prob": "stage 1: probability of adding L_CfgKD to a batch (default 0.5); "
-                "stage 2: probability of a CFG target, else w = 1 (default 1)",
-    "lambda_step_reduc": "weight of L_StepReduc, eq. 3 (stage 2 default 1, as the paper)",
-    "lambda_feat_kd": "weight of BK-SDM's feature KD on stage outputs (stage 1; the baseline uses 1)",
-    "guidance_min": "CFG losses draw w ~ U[guidance-min, guidance-max] per batch",
-    "guidance_max": "see --guidance-min",
-    "snr_weighting": "none | truncated (SnapFusion's max(SNR, 1) on the x-space losses)",
-    "student_steps": "stage 2: DDIM steps the student is distilled for (teacher takes twice as many)",
-    "checkpointing_steps": "write OUT.work/checkpoint-STEP every N steps (0: never)",
-    "checkpoints_total_limit": "keep the last K checkpoints (0: all)",
-    "resume_from_checkpoint": "'latest' (starts fresh when there is none) or a checkpoint folder",
-    "report_to": "auto (tensorboard when installed) | tensorboard | none",
-    "eval_steps": "evaluate FD / alignment every N steps (0: only at the end)",
-    "eval_prompts": "held-out prompts of each periodic evaluation",
-    "final_eval_prompts": "held-out prompts of the final evaluation (0: none)",
-    "sample_steps": "default sampling steps written to slimsd.json (stage 1: 25, stage 2: --student-steps)",
-    "sample_guidance": "default guidance written to slimsd.json and used for evaluation",
-}
-
-
-_TRAIN_CHOICES = {"mixed_precision": ("no", "fp16", "bf16"), "snr_weighting": ("none", "truncated"),
-                  "report_to": ("auto", "tensorboard", "none")}
-
-
 def _add_compress_train(csub):
-    """Flags mirror :class:`slimsd.compress.train.TrainConfig` field by field."""
-    import dataclasses
-    import typing
+    """Flags mirror :class:`slimsd.compress.train.TrainConfig` field by field (help = field metadata)."""
+    from dataclasses import fields
 
+    from slimsd.cliargs import add_fields
     from slimsd.compress.train import TrainConfig
 
     t = _sub(csub, "train", help="stage 1 (CFG-aware retraining) or stage 2 (CFG-aware step distillation) "
              "on accelerate (docs/training.md)")
-    t.add_argument("--stage", type=int, required=True, choices=(1, 2),
-                   help="1: CFG-aware retraining of a pruned student; 2: step distillation of the stage-1 student")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "stage":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        helptext = _TRAIN_HELP.get(f.name, "")
-        required = f.name in ("student", "out")
-        if hints[f.name] is bool:
-            t.add_argument(flag, dest=f.name, action="store_true", default=f.default, help=helptext)
-            continue
-        base = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
-        conv = {int: int, float: float}.get(base[0], str)
-        kw = {"required": True} if required else {"default": f.default}
-        if f.name in _TRAIN_CHOICES:
-            kw["choices"] = _TRAIN_CHOICES[f.name]
-        t.add_argument(flag, dest=f.name, type=conv, help=helptext + ("" if required else " (default %(default)s)"), **kw)
+    stage_help = next(f.metadata["help"] for f in fields(TrainConfig) if f.name == "stage")
+    t.add_argument("--stage", type=int, required=True, choices=(1, 2), help=stage_help)
+    add_fields(t, TrainConfig, skip=("stage",), required=("student", "out"))
     t.set_defaults(func=_cmd_compress_train)
 
 
 def _prune_presets():
-    return ("bk-base", "bk-small", "bk-tiny")
+    """BK-SDM preset names (built only for `slimsd compress ...`, so serve never imports compress)."""
+    from slimsd.compress.prune import PRESETS
+
+    return tuple(PRESETS)
 
 
 def _cmd_sensitivity(a) -> int:
@@ -354,25 +295,13 @@ def _cmd_sensitivity(a) -> int:
 def _cmd_prune(a) -> int:
     from pathlib import Path
 
-    from slimsd.compress.prune import PRESETS, plan_pruning, prune_pipeline, unet_block_costs
+    from slimsd.compress.prune import PLAN_OPTIONS, plan_from_config, prune_pipeline
 
     if sum(x is not None for x in (a.preset, a.blocks, a.report)) != 1:
         raise ValueError("give exactly one of --preset, --blocks or --report")
-    if a.preset:
-        plan = {"preset": a.preset, "removed_blocks": PRESETS[a.preset]}
-    elif a.blocks:
-        plan = {"removed_blocks": a.blocks.split(",")}
-    else:
-        report = json.loads(Path(a.report).read_text())
-        need_latency = a.policy == "sensitivity-per-ms" or a.target_latency_ms is not None
-        # costs of the model being pruned (the report may come from a proxy with the same block names)
-        params, lat, total, total_ms = unet_block_costs(a.model, need_latency, a.latent_size)
-        keep = a.keep_params
-        plan = plan_pruning(report, a.policy, keep_params=keep,
-                            target_params=int(a.target_params) if a.target_params else None,
-                            target_latency_ms=a.target_latency_ms, latency_ms=lat or None, params=params,
-                            total_params=total, total_latency_ms=total_ms, tolerance=a.tolerance)
-        plan["sensitivity_report"] = str(a.report)
+    options = {k: getattr(a, k) for k in PLAN_OPTIONS}
+    options["blocks"] = a.blocks.split(",") if a.blocks else None
+    plan = plan_from_config(a.model, options, a.report)
     out = Path(a.out)
     if a.plan_only:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -392,10 +321,10 @@ def _cmd_prune(a) -> int:
 
 
 def _cmd_compress_train(a) -> int:
+    from slimsd.cliargs import from_args
     from slimsd.compress.train import TrainConfig, train
 
-    fields = TrainConfig.__dataclass_fields__
-    out = train(TrainConfig(**{k: v for k, v in vars(a).items() if k in fields}))
+    out = train(TrainConfig(**from_args(TrainConfig, a)))
     info = json.loads((out / "slimsd.json").read_text()) if (out / "slimsd.json").is_file() else {}
     if a.json:
         print(json.dumps({"out": str(out), **info}))
