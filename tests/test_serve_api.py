@@ -41,14 +41,14 @@ def wait_ready(c, timeout: float = 30.0):
 
 @contextmanager
 def serving(pipe, ready: bool = True, **kw):
-    """An app over ``pipe`` (or a loader callable) with settings ``kw``."""
+    """An app over ``pipe`` (or a loader callable, or a dict of model id -> loader) with settings ``kw``."""
     from fastapi.testclient import TestClient
 
     from slimsd.serve.app import create_app
     from slimsd.serve.settings import ServeSettings
 
     kw.setdefault("warmup", False)
-    load = pipe if callable(pipe) else (lambda: pipe)
+    load = pipe if callable(pipe) or isinstance(pipe, dict) else (lambda: pipe)
     app = create_app(ServeSettings(model="tiny-sd", **kw), load=load)
     with TestClient(app, raise_server_exceptions=False) as c:
         if ready:
@@ -394,3 +394,97 @@ def test_a_model_that_fails_to_load_says_why(pipe):
             time.sleep(0.01)
         assert_error(c.get("/health/ready"), 503, code="not_ready", contains="failed to load: FileNotFoundError")
         assert_error(c.post(GEN, json={"prompt": PROMPT}), 503, contains="not a preset")
+
+
+# -- continuous batching ------------------------------------------------------------------------
+def test_idle_engine_starts_at_once_and_batches_form_while_one_runs(pipe):
+    """No timer: a lone request on an idle engine waits ~0 ms; the requests that arrive while a batch
+    runs make the next batch together."""
+    held = Held(pipe.runners, 0.0)
+    with serving(replace(pipe, runners=held), max_batch_size=8) as c:  # max_wait_ms: the default (0)
+        assert c.app.state.engine.config.max_wait_ms == 0
+        assert c.post(GEN, json={"prompt": PROMPT, "num_inference_steps": 1}).status_code == 200
+        assert metric(c, "slimsd_queue_wait_seconds_sum") < 0.05  # started at once, not after a window
+        held.gate.clear()
+        held.entered.clear()
+        body = {"prompt": PROMPT, "num_inference_steps": 2}
+        with ThreadPoolExecutor(4) as ex:
+            first = ex.submit(c.post, GEN, json={**body, "seed": 0})
+            assert held.entered.wait(10)  # running, alone
+            rest = [ex.submit(c.post, GEN, json={**body, "seed": i}) for i in (1, 2, 3)]
+            t0 = time.monotonic()
+            while metric(c, "slimsd_queue_depth") != 3:
+                assert time.monotonic() - t0 < 10
+                time.sleep(0.01)
+            held.gate.set()
+            assert [f.result().status_code for f in [first, *rest]] == [200] * 4
+        assert metric(c, "slimsd_batch_requests_count") == 3  # the warm one, the lone first, then 3 together
+        assert metric(c, "slimsd_batch_requests_bucket", {"le": "2.0"}) == 2
+
+
+# -- the job API ------------------------------------------------------------------------------
+JOBS = "/v1/images/jobs"
+
+
+def _poll(c, job_id, until, timeout=30.0):
+    t0 = time.monotonic()
+    while (j := c.get(f"{JOBS}/{job_id}").json())["status"] not in until:
+        assert time.monotonic() - t0 < timeout, j
+        time.sleep(0.01)
+    return j
+
+
+def test_jobs_create_poll_cancel(pipe):
+    held = Held(pipe.runners, 0.0)
+    with serving(replace(pipe, runners=held), max_queue=2, max_batch_size=1) as c:
+        held.gate.clear()
+        r = c.post(JOBS, json={"prompt": PROMPT, "num_inference_steps": 3, "seed": 7, "n": 2})
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert job["status"] in ("queued", "running") and job["model"] == "tiny-sd" and job["steps"] == 3
+        assert held.entered.wait(10)
+        running = _poll(c, job["id"], ("running",))
+        assert running["step"] == 0 and running["progress"] == 0 and "result" not in running
+        queued = [c.post(JOBS, json={"prompt": PROMPT, "num_inference_steps": 3, "seed": s}).json() for s in (1, 2)]
+        assert [c.get(f"{JOBS}/{q['id']}").json()["queue_position"] for q in queued] == [0, 1]
+        assert_error(c.post(JOBS, json={"prompt": PROMPT}), 429, code="queue_full")  # the same bound
+        cancelled = c.delete(f"{JOBS}/{queued[0]['id']}").json()
+        assert cancelled["status"] == "cancelled"
+        assert c.get(f"{JOBS}/{queued[1]['id']}").json()["queue_position"] == 0  # moved up
+        held.gate.set()
+        done = _poll(c, job["id"], ("succeeded",))
+        assert done["progress"] == 1 and [d["seed"] for d in done["result"]["data"]] == [7, 8]
+        sync = c.post(GEN, json={"prompt": PROMPT, "num_inference_steps": 3, "seed": 7, "n": 2}).json()
+        assert [d["b64_json"] for d in done["result"]["data"]] == [d["b64_json"] for d in sync["data"]]
+        assert _poll(c, queued[1]["id"], ("succeeded",))["status"] == "succeeded"
+        assert c.get(f"{JOBS}/{queued[0]['id']}").json()["status"] == "cancelled"
+        # a running job, alone in its batch, stops before its next step
+        held.gate.clear()
+        held.entered.clear()
+        long = c.post(JOBS, json={"prompt": PROMPT, "num_inference_steps": 20}).json()
+        assert held.entered.wait(10)
+        assert c.delete(f"{JOBS}/{long['id']}").json()["status"] == "cancelled"
+        held.gate.set()
+        t0 = time.monotonic()
+        while (j := c.get(f"{JOBS}/{long['id']}").json()).get("error") is None:
+            assert time.monotonic() - t0 < 10, j
+            time.sleep(0.01)
+        assert j["error"]["code"] == "interrupted" and "cancelled at step 1 of 20" in j["error"]["message"]
+        assert c.delete(f"{JOBS}/{job['id']}").status_code == 200  # finished: deleted with its result
+        assert_error(c.get(f"{JOBS}/{job['id']}"), 404, "id", "job_not_found")
+        assert_error(c.post(JOBS, json={"prompt": PROMPT, "model": "nope"}), 404, "model", "model_not_found")
+
+
+def test_finished_jobs_expire_by_time_and_count(pipe):
+    with serving(pipe, job_ttl_s=0.5, max_finished_jobs=2) as c:
+        ids = [c.post(JOBS, json={"prompt": PROMPT, "num_inference_steps": 1, "seed": i}).json()["id"] for i in range(3)]
+        for i in ids:
+            t0 = time.monotonic()
+            while not c.app.state.jobs._jobs[i].job.future.done():
+                assert time.monotonic() - t0 < 30
+                time.sleep(0.01)
+        assert_error(c.get(f"{JOBS}/{ids[0]}"), 404, code="job_not_found")  # beyond the 2 kept
+        assert c.get(f"{JOBS}/{ids[2]}").json()["status"] == "succeeded"
+        time.sleep(0.6)
+        assert_error(c.get(f"{JOBS}/{ids[2]}"), 404, code="job_not_found")  # past the time to live
+        assert len(c.app.state.jobs) == 0
