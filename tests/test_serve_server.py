@@ -54,7 +54,9 @@ def server(tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
     # onnxruntime named: `auto` would pick OpenVINO where it is installed and compile for a minute
-    proc = start(["tiny-sd", "--backend", "onnxruntime", "--port", str(port), "--max-wait-ms", "300",
+    # two ids over one folder (one export): the model picker, `model=` and the compare view have a choice
+    proc = start(["tiny-sd", "--model", "copy=tiny-sd", "--backend", "onnxruntime", "--port", str(port),
+                  "--max-wait-ms", "300",
                   "--drain-timeout-s", "20"],
                  {"SLIMSD_CACHE": str(cache), "SLIMSD_API_KEY": KEY}, log)
     url = f"http://127.0.0.1:{port}"
@@ -113,7 +115,12 @@ def test_the_official_openai_client_works_unchanged(server):
         client.images.generate(prompt=PROMPT, response_format="url")
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server["url"] + "/v1", api_key="wrong", max_retries=0).images.generate(prompt=PROMPT)
-    assert [m.id for m in client.models.list()] == ["tiny-sd"]
+    assert [m.id for m in client.models.list()] == ["tiny-sd", "copy"]
+    picked = client.images.with_raw_response.generate(model="copy", prompt=PROMPT, response_format="b64_json",
+                                                      extra_body={"seed": 3, "num_inference_steps": 2})
+    assert picked.headers["x-slimsd-model"] == "copy" and picked.headers["x-slimsd-steps"] == "2"
+    with pytest.raises(openai.NotFoundError, match="choose one of 'tiny-sd', 'copy'"):
+        client.images.generate(model="dall-e-3", prompt=PROMPT)
 
 
 def _metric(text: str, name: str, labels: str = "") -> float:
@@ -178,8 +185,24 @@ def test_playground_page_in_headless_chromium(server):
             size = page.evaluate("[document.getElementById('image').naturalWidth, "
                                  "document.getElementById('image').naturalHeight]")
             assert size == [64, 64]
-            assert "seed 42" in page.text_content("#status")
-            assert page.text_content("#model") == "tiny-sd"
+            assert "seed 42" in page.text_content("#status") and "tiny-sd, 4 steps" in page.text_content("#status")
+            assert page.eval_on_selector_all("#model option", "os => os.map(o => o.value)") == ["tiny-sd", "copy"]
+            # compare view: the same prompt and seed on two models, each image large, with latency and steps
+            page.fill("#steps", "")  # each at its own default steps
+            page.select_option("#model-a", "tiny-sd")
+            page.select_option("#model-b", "copy")
+            page.click("#compare")
+            page.wait_for_function("document.getElementById('compare-status').textContent === 'done'", timeout=60_000)
+            for side, model in (("#compare-a", "tiny-sd"), ("#compare-b", "copy")):
+                shown = page.evaluate(f"(() => {{ const i = document.querySelector('{side} img'); const r = "
+                                      f"i.getBoundingClientRect(); return [i.naturalWidth, r.width, "
+                                      f"getComputedStyle(i).imageRendering]; }})()")
+                assert shown[0] == 64 and shown[1] >= 256 and shown[2] == "pixelated", shown
+                caption = page.text_content(f"{side} figcaption")
+                assert caption.startswith(f"{model} · 25 steps · ") and " ms server" in caption, caption
+                assert "seed 42" in caption
+            a, b = (page.get_attribute(f"{side} img", "src") for side in ("#compare-a", "#compare-b"))
+            assert a == b  # one folder under two ids: the same image
         finally:
             browser.close()
 
