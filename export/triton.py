@@ -8,13 +8,17 @@
       vae_decoder/config.pbtxt   1/model.onnx
       pipeline/config.pbtxt      1/model.py  1/tokenizer/  1/scheduler/  1/pipeline.json
 
-``text_encoder`` / ``unet`` / ``vae_decoder`` are ONNX Runtime (``onnxruntime_onnx``) or, with
-``backend="tensorrt"``, TensorRT (``tensorrt_plan``) models whose ``config.pbtxt`` is generated
-from the specs: same names and dtypes as the ONNX files, ``max_batch_size: 0`` with the batch
-written into ``dims`` as -1 (the classifier-free-guidance layout ``[negative..., positive...]``
-is explicit, so Triton must not split or merge the batch axis). ``dynamic_batching`` is on
-for queueing; with ``max_batch_size: 0`` Triton does not merge requests (batching happens
-per request: N prompts -> one 2N-row U-Net call).
+``text_encoder`` / ``unet`` / ``vae_decoder`` are ONNX Runtime (``onnxruntime_onnx``), with
+``backend="tensorrt"`` TensorRT (``tensorrt_plan``), or with ``backend="python"`` Python-backend
+models (``export/triton_component_model.py``: the ONNX files run by ONNX Runtime inside the
+model, for Triton builds without an ONNX Runtime backend such as the ``nvidia-pytriton``
+wheel's). Every flavour's ``config.pbtxt`` comes from the one spec per component: same names
+and dtypes as the ONNX files. With ``max_batch_size: 0`` (default) the batch is written into
+``dims`` as -1 and Triton never merges requests (batching happens per request: N prompts ->
+one 2N-row U-Net call); with ``max_batch_size: N`` > 0 the batch axis leaves ``dims`` and
+Triton's dynamic batcher merges concurrent requests up to N rows (every component is
+row-independent, the U-Net has one timestep per row, so the classifier-free-guidance layout
+``[negative..., positive...]`` of each request survives). ``dynamic_batching`` is on in both.
 
 ``pipeline`` is a Python-backend model: tokenises, runs :func:`slimsd.denoise.generate`
 (the one denoising loop serve/ uses too) with BLS calls to the three models, returns uint8
@@ -32,24 +36,29 @@ from typing import Literal
 
 from slimsd.specs import COMPONENTS, ComponentSpec, component_specs
 
-PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
-MODEL_FILE = {"onnxruntime": "model.onnx", "tensorrt": "model.plan"}
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "python": None}
+MODEL_FILE = {"onnxruntime": "model.onnx", "tensorrt": "model.plan", "python": "model.py"}
 PIPELINE = "pipeline"
 PIPELINE_TEMPLATE = Path(__file__).with_name("triton_pipeline_model.py")
+COMPONENT_TEMPLATE = Path(__file__).with_name("triton_component_model.py")
 
 
 @dataclass
 class TritonConfig:
     """Settings of ``slimsd export triton`` (its flags are these fields: :func:`slimsd.cliargs.add_fields`)."""
 
-    backend: Literal["onnxruntime", "tensorrt"] = field(default="onnxruntime", metadata={
-        "help": "platform of the three component models"})
+    backend: Literal["onnxruntime", "tensorrt", "python"] = field(default="onnxruntime", metadata={
+        "help": "platform of the three component models (python: ONNX Runtime inside Python-backend models, "
+                "for the nvidia-pytriton wheel's tritonserver; always KIND_CPU)"})
     engines: str | None = field(default=None, metadata={
         "help": "folder of <component>.plan (`slimsd export tensorrt`), with --backend tensorrt"})
     kind: Literal["gpu", "cpu"] = field(default="gpu", metadata={"help": "instance kind of the three models"})
     instances: int = field(default=1, metadata={"help": "instances of each component model"})
     pipeline_instances: int = field(default=1, metadata={"help": "instances of the python pipeline model"})
     max_queue_delay_us: int = field(default=0, metadata={"help": "dynamic batching queue delay"})
+    max_batch_size: int = field(default=0, metadata={
+        "help": "0: the batch axis is in dims and Triton never merges requests; N > 0: Triton's dynamic batcher "
+                "merges concurrent requests up to N rows (a request may then hold at most N rows: N/2 prompts with CFG)"})
     link: bool = field(default=True, metadata={"help": "hardlink model files when possible (else copy)"})
 
 
@@ -57,12 +66,19 @@ def _dims(values) -> str:
     return "[ " + ", ".join(str(v) for v in values) + " ]"
 
 
-def _io_block(kind: str, tensors, extra=None) -> str:
+def _io_block(kind: str, tensors, extra=None, batched: bool = False) -> str:
+    """``input [...]`` / ``output [...]``; ``batched``: the batch axis (first) leaves ``dims``, and a
+    batch-only tensor (``timestep``) becomes dims [1] reshaped to [] (Triton wants non-empty dims)."""
     rows = []
     for t in tensors:
         name, dtype, dims = t if isinstance(t, tuple) else (t.name, t.triton_dtype, t.triton_dims)
+        reshape = ""
+        if batched:
+            dims = dims[1:]
+            if not dims:
+                dims, reshape = [1], "\n    reshape: { shape: [ ] }"
         opt = "\n    optional: true" if extra and name in extra else ""
-        rows.append(f'  {{\n    name: "{name}"\n    data_type: {dtype}\n    dims: {_dims(dims)}{opt}\n  }}')
+        rows.append(f'  {{\n    name: "{name}"\n    data_type: {dtype}\n    dims: {_dims(dims)}{reshape}{opt}\n  }}')
     return f"{kind} [\n" + ",\n".join(rows) + "\n]\n"
 
 
@@ -70,15 +86,22 @@ def model_config(spec: ComponentSpec, cfg: TritonConfig) -> str:
     """``config.pbtxt`` text of one component model."""
     if cfg.backend not in PLATFORMS:
         raise ValueError(f"backend must be one of {', '.join(PLATFORMS)}, got {cfg.backend!r}")
+    if cfg.max_batch_size < 0:
+        raise ValueError(f"max_batch_size must be >= 0, got {cfg.max_batch_size}")
     kind = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}[cfg.kind]
+    if cfg.backend == "python":
+        kind, platform = "KIND_CPU", 'backend: "python"\n'  # ONNX Runtime's CPU provider inside the model
+    else:
+        platform = f'platform: "{PLATFORMS[cfg.backend]}"\n'
+    batched = cfg.max_batch_size > 0
     return (
         f'# generated by `slimsd export triton` from slimsd.specs ({spec.dtype}, '
         f'{"dynamic" if spec.dynamic_hw else "static"} height/width)\n'
         f'name: "{spec.name}"\n'
-        f'platform: "{PLATFORMS[cfg.backend]}"\n'
-        f"max_batch_size: 0\n"
-        + _io_block("input", spec.inputs)
-        + _io_block("output", spec.outputs)
+        + platform
+        + f"max_batch_size: {cfg.max_batch_size}\n"
+        + _io_block("input", spec.inputs, batched=batched)
+        + _io_block("output", spec.outputs, batched=batched)
         + f"instance_group [\n  {{\n    count: {cfg.instances}\n    kind: {kind}\n  }}\n]\n"
         + f"dynamic_batching {{\n  max_queue_delay_microseconds: {cfg.max_queue_delay_us}\n}}\n"
     )
@@ -148,18 +171,23 @@ def export_triton(onnx_dir, out="model_repository", cfg: TritonConfig | None = N
             shutil.rmtree(model_dir)
         version = model_dir / "1"
         version.mkdir(parents=True)
-        if cfg.backend == "onnxruntime":
+        if cfg.backend in ("onnxruntime", "python"):
             for f in sorted((onnx_dir / name).iterdir()):  # model.onnx and its model.onnx_data
                 if f.is_file():
                     _place(f, version / f.name, cfg.link)
-        else:
+        if cfg.backend == "python":
+            shutil.copy2(COMPONENT_TEMPLATE, version / "model.py")
+            component = {"name": name, "dtype": specs[name].dtype, "dynamic_hw": specs[name].dynamic_hw,
+                         "model_dims": specs[name].dims.to_dict(), "spec": specs[name].to_dict()}
+            (version / "component.json").write_text(json.dumps(component, indent=2) + "\n")
+        elif cfg.backend == "tensorrt":
             plan = Path(cfg.engines) / f"{name}.plan"
             if not plan.is_file():
                 raise FileNotFoundError(f"{plan}: missing (run `slimsd export tensorrt` first)")
             _place(plan, version / MODEL_FILE["tensorrt"], cfg.link)
         (model_dir / "config.pbtxt").write_text(model_config(specs[name], cfg))
         written[name] = sorted(p.relative_to(out).as_posix() for p in model_dir.rglob("*") if p.is_file())
-        log(f"[{name}] {PLATFORMS[cfg.backend]}: {', '.join(written[name])}")
+        log(f"[{name}] {PLATFORMS[cfg.backend] or 'python backend (ONNX Runtime)'}: {', '.join(written[name])}")
 
     # the Python-backend pipeline
     model_dir = out / PIPELINE
@@ -173,6 +201,7 @@ def export_triton(onnx_dir, out="model_repository", cfg: TritonConfig | None = N
     dims = specs["unet"].dims
     info = {
         "models": {n: n for n in COMPONENTS},
+        "max_batch_size": cfg.max_batch_size,  # > 0: batch-only inputs travel as [batch, 1]
         "specs": {n: s.to_dict() for n, s in specs.items()},
         "model_dims": dims.to_dict(),
         "dynamic_hw": specs["unet"].dynamic_hw,

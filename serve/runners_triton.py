@@ -14,6 +14,7 @@ Clients are created per thread: the HTTP client (gevent) must stay in the thread
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 from typing import Sequence
 
@@ -21,6 +22,8 @@ import numpy as np
 
 from slimsd.runners import ComponentRunners
 from slimsd.specs import COMPONENTS, ComponentSpec
+
+log = logging.getLogger("slimsd.serve")
 
 
 def _module(protocol: str):
@@ -43,6 +46,13 @@ def _strip_scheme(url: str) -> str:
     return url
 
 
+def _max_batch_size(config) -> int:
+    """``max_batch_size`` of a ``get_model_config`` answer (gRPC: a protobuf with ``.config``; HTTP: a dict)."""
+    if isinstance(config, dict):
+        return int(config.get("config", config).get("max_batch_size", 0))
+    return int(getattr(getattr(config, "config", config), "max_batch_size", 0))
+
+
 class TritonRunners(ComponentRunners):
     def __init__(self, urls: str | Sequence[str], specs: dict[str, ComponentSpec], protocol: str = "grpc",
                  models: dict[str, str] | None = None, timeout_s: float = 60.0, client_factory=None):
@@ -62,6 +72,7 @@ class TritonRunners(ComponentRunners):
         self._next = itertools.cycle(range(len(self.urls)))
         self._lock = threading.Lock()
         self._local = threading.local()
+        self.batched: set[str] = set()  # components whose config has max_batch_size > 0 (read by check_ready)
 
     def _client(self):
         clients = getattr(self._local, "clients", None)
@@ -78,12 +89,21 @@ class TritonRunners(ComponentRunners):
             for name, model in self.models.items():
                 if not client.is_model_ready(model):
                     raise RuntimeError(f"triton at {url}: model {model!r} ({name}) is not ready")
+                try:
+                    config = client.get_model_config(model)
+                except Exception as e:  # noqa: BLE001 - a server without the config API: unbatched layout
+                    log.warning("triton at %s: no model config for %r (%s); sending the full batch shape", url, model, e)
+                    continue
+                if _max_batch_size(config) > 0:
+                    self.batched.add(name)
 
     def build_inputs(self, component: str, **arrays) -> list:
         """``InferInput`` objects named, typed and shaped by the spec."""
         inputs = []
         spec = self.specs[component]
         for t, a in zip(spec.inputs, spec.cast_inputs(arrays).values()):
+            if component in self.batched and a.ndim == 1:  # batch-only (timestep): Triton wants [batch, 1]
+                a = a.reshape(-1, 1)
             inp = self.m.InferInput(t.name, list(a.shape), t.wire_dtype)
             if self.protocol == "http":
                 inp.set_data_from_numpy(a, binary_data=True)  # raw bytes, not a JSON list of floats

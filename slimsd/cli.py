@@ -520,6 +520,31 @@ _HELP = {"train-teacher": "train the tiny-sd teacher (VAE, then U-Net) on the of
          "compress": "build toolchain: sensitivity analysis, pruning, training, the whole chain"}
 
 
+def _add_triton(sub):
+    """``slimsd triton serve REPO``: the ``nvidia-pytriton`` wheel's tritonserver (flags: TritonServerConfig)."""
+    from slimsd.cliargs import add_fields
+    from slimsd.export.triton_server import TritonServerConfig
+
+    p = _sub(sub, "triton", help="run a local tritonserver (nvidia-pytriton wheel, CPU) on a model repository")
+    tsub = p.add_subparsers(dest="triton_command", required=True)
+    s = _sub(tsub, "serve", help="serve a `slimsd export triton --backend python` repository until SIGTERM")
+    s.add_argument("repo", help="the model repository folder")
+    add_fields(s, TritonServerConfig)
+    s.set_defaults(func=_cmd_triton_serve)
+
+
+def _cmd_triton_serve(a) -> int:
+    from slimsd.cliargs import from_args
+    from slimsd.export.triton_server import TritonNotInstalled, TritonServerConfig, TritonStartError, serve
+
+    try:
+        return serve(a.repo, TritonServerConfig(**from_args(TritonServerConfig, a)),
+                     log=lambda m: print(m, file=sys.stderr, flush=True))
+    except (TritonNotInstalled, TritonStartError) as e:
+        print(f"slimsd triton serve: error: {e}", file=sys.stderr)
+        return 3
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole CLI; with ``command`` (the subcommand about to run) the training commands are
     stubs unless it is one of them, so ``slimsd serve`` never imports ``slimsd.compress``."""
@@ -541,6 +566,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_export(sub)
     _add_serve(sub)
     _add_loadtest(sub)
+    _add_triton(sub)
     return p
 
 

@@ -41,6 +41,7 @@ class BlsRunners(ComponentRunners):
 
     def __init__(self, info: dict):
         self.models = info["models"]
+        self.batched = int(info.get("max_batch_size", 0)) > 0  # batch-only inputs (timestep) go as [batch, 1]
         dtype = info["specs"]["unet"]["dtype"]
         self.specs = component_specs(ModelDims(**info["model_dims"]), dtype, bool(info["dynamic_hw"]))
         self._cpu = None
@@ -50,7 +51,8 @@ class BlsRunners(ComponentRunners):
     def run(self, name: str, **inputs) -> dict[str, np.ndarray]:
         """One BLS request to model ``name`` asking for its main output only."""
         spec, output = self.specs[name], MAIN_OUTPUT[name]
-        tensors = [pb_utils.Tensor(n, a) for n, a in spec.cast_inputs(inputs).items()]
+        tensors = [pb_utils.Tensor(n, a.reshape(-1, 1) if self.batched and a.ndim == 1 else a)
+                   for n, a in spec.cast_inputs(inputs).items()]
         kw = {"preferred_memory": self._cpu} if self._cpu is not None else {}
         request = pb_utils.InferenceRequest(model_name=self.models[name], requested_output_names=[output],
                                             inputs=tensors, **kw)
