@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from slimsd.io import atomic_dir, atomic_write_text
+
 SECTIONS = ("model", "out", "work_dir", "sensitivity", "prune", "stage1", "stage2", "evaluate", "seed")
 
 
@@ -86,9 +88,7 @@ def _state_rw(work: Path):
     state = json.loads(path.read_text()) if path.is_file() else {}
 
     def save():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(state, indent=2))
 
     return state, save
 
@@ -287,34 +287,29 @@ def _final_stage(cfg: dict, model: str, out: Path, work: Path, last: Path, recor
 def _write_final(cfg: dict, model: str, out: Path, work: Path, last: Path, ev: dict, records: list,
                  commands: list, config_path: str | None) -> None:
     """OUT: a copy of the last stage's folder, scored, with ``build.json`` and the whole record
-    in ``manifest.json``; written to ``OUT.tmp`` and renamed."""
+    in ``manifest.json``; written to a temporary folder and renamed (slimsd.io.atomic_dir)."""
     from slimsd.manifest import write_manifest
 
     final_plan = json.loads((work / "pruned" / "prune_plan.json").read_text())
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(last, tmp)
-    shutil.rmtree(tmp / "eval", ignore_errors=True)  # stage evaluations stay in work_dir
-    info = json.loads((tmp / "slimsd.json").read_text())
-    defaults = info["defaults"]
-    metrics = _final_metrics(tmp, ev, defaults)
-    build_info = {
-        "config": cfg, "config_file": str(config_path) if config_path else None,
-        "commands": commands + [f"slimsd compress build {config_path or 'CONFIG'}"],
-        "stages": list(records), "work_dir": str(work), "stage_records": _stage_records(cfg, work),
-    }
-    (tmp / "build.json").write_text(json.dumps(build_info, indent=2, default=str))
-    write_manifest(tmp, model=out.name, source_model=model, prune_plan=final_plan, params=info["params"],
-                   defaults=defaults, default_steps=defaults["steps"], default_guidance=defaults["guidance"],
-                   metrics=metrics or json.loads((tmp / "manifest.json").read_text()).get("metrics", {}),
-                   eval_protocol=(f"slimsd evaluate MODEL --steps S --guidance G --num-prompts {ev.get('num_prompts')} "
-                                  f"--seed {ev.get('seed', 0)} (held-out scenes)") if metrics else None,
-                   build=build_info)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        shutil.copytree(last, tmp, dirs_exist_ok=True)
+        shutil.rmtree(tmp / "eval", ignore_errors=True)  # stage evaluations stay in work_dir
+        info = json.loads((tmp / "slimsd.json").read_text())
+        defaults = info["defaults"]
+        metrics = _final_metrics(tmp, ev, defaults)
+        build_info = {
+            "config": cfg, "config_file": str(config_path) if config_path else None,
+            "commands": commands + [f"slimsd compress build {config_path or 'CONFIG'}"],
+            "stages": list(records), "work_dir": str(work), "stage_records": _stage_records(cfg, work),
+        }
+        (tmp / "build.json").write_text(json.dumps(build_info, indent=2, default=str))
+        write_manifest(tmp, model=out.name, source_model=model, prune_plan=final_plan, params=info["params"],
+                       defaults=defaults, default_steps=defaults["steps"], default_guidance=defaults["guidance"],
+                       metrics=metrics or json.loads((tmp / "manifest.json").read_text()).get("metrics", {}),
+                       eval_protocol=(f"slimsd evaluate MODEL --steps S --guidance G --num-prompts "
+                                      f"{ev.get('num_prompts')} --seed {ev.get('seed', 0)} (held-out scenes)")
+                       if metrics else None,
+                       build=build_info)
 
 
 def _final_metrics(folder: Path, ev: dict, defaults: dict) -> dict:

@@ -8,8 +8,8 @@ higher-is-better ones, e.g. FD and alignment, or FID and CLIP score):
 ``sensitivity``               the paper: remove the least damaging blocks first
 ``sensitivity-per-param``     damage per parameter removed
 ``sensitivity-per-ms``        damage per millisecond saved on this machine (beyond the
-                              paper: its Table 1 shows 46% fewer parameters buy only 8%
-                              time at 25 steps; this prunes for time)
+                              paper, which prunes for parameters: this prunes for time;
+                              what each buys is measured in docs/pruning.md)
 ============================  ===================================================
 
 Budgets: keep a fraction / number of U-Net parameters (``--keep-params 0.54`` or
@@ -17,15 +17,16 @@ Budgets: keep a fraction / number of U-Net parameters (``--keep-params 0.54`` or
 order and skipped when they would overshoot the budget by more than ``tolerance``.
 
 Presets reproduce BK-SDM's removals on SD-v2-structured U-Nets (``bk-base``, ``bk-small``,
-``bk-tiny``: 583,480,964 / 485,787,524 / 326,825,604 U-Net params on SD v2.1-base).
+``bk-tiny``; their U-Net parameter counts on SD v2.1-base are BK-SDM's published ones, tested,
+and listed in docs/pruning.md).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
+from slimsd.io import atomic_dir
 from slimsd.unet_blocks import PrunedUNet2DConditionModel, list_blocks
 
 POLICIES = ("sensitivity", "sensitivity-per-param", "sensitivity-per-ms")
@@ -52,6 +53,24 @@ def damage(row: dict, unpruned: dict) -> float:
             base = abs(unpruned[m]) or 1e-8
             d += -sign * (row[m] - unpruned[m]) / base
     return d
+
+
+def _policy_order(rows: list[dict], policy: str, unpruned: dict, params: dict, latency_ms: dict) -> list[dict]:
+    """The candidate blocks in policy order. Blocks whose removal *improves* quality (damage < 0)
+    sort first in every policy; ties (often many blocks with no measurable damage) go to the
+    block that saves more."""
+    eps = 1e-9
+
+    def key(r):
+        d = damage(r, unpruned)
+        if policy == "sensitivity":
+            return (d,)
+        if policy == "sensitivity-per-param":
+            return (d / max(params[r["name"]], 1), -params[r["name"]])
+        ms = latency_ms.get(r["name"], 0.0)
+        return (d / max(ms, eps), -ms)
+
+    return sorted(rows, key=key)
 
 
 def plan_pruning(report: dict, policy: str = "sensitivity", keep_params: float | None = None,
@@ -83,20 +102,7 @@ def plan_pruning(report: dict, policy: str = "sensitivity", keep_params: float |
             raise ValueError(f"--keep-params must be a fraction in (0, 1], got {keep_params}")
         target_params = int(round(keep_params * total_params))
 
-    eps = 1e-9
-
-    def key(r):
-        d = damage(r, report["unpruned"])
-        if policy == "sensitivity":
-            return (d,)
-        # ties (often many blocks with no measurable damage) go to the block that saves more
-        if policy == "sensitivity-per-param":
-            return (d / max(params[r["name"]], 1), -params[r["name"]])
-        ms = latency_ms.get(r["name"], 0.0)
-        return (d / max(ms, eps), -ms)
-
-    # blocks whose removal *improves* quality (damage < 0) sort first in every policy
-    order = sorted(rows, key=key)
+    order = _policy_order(rows, policy, report["unpruned"], params, latency_ms)
 
     def greedy(skip: frozenset):
         chosen, cur_p, cur_ms = [], total_params, total_latency_ms or 0.0
@@ -181,35 +187,30 @@ def plan_from_config(model: str, options: dict, report: str | Path | None = None
 def prune_pipeline(model: str, removed_blocks: list[str], out: str | Path, plan: dict | None = None) -> Path:
     """Write a complete pipeline folder whose U-Net lacks ``removed_blocks`` (+ ``prune_plan.json``)."""
     from slimsd.manifest import write_manifest
-    from slimsd.models import load_pipeline, resolve_model
+    from slimsd.models import count_params, load_pipeline, resolve_model
 
     out = Path(out)
     src = resolve_model(model)
     pipe = load_pipeline(model)
-    before = sum(p.numel() for p in pipe.unet.parameters())
+    before = count_params(pipe.unet)
     pruned = PrunedUNet2DConditionModel.from_unet(pipe.unet, removed_blocks)
     pipe.unet = pruned
     pipe.register_modules(unet=pruned)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    after = sum(p.numel() for p in pruned.parameters())
+    after = count_params(pruned)
     plan = dict(plan or {})
     plan.update(source_model=str(model), source_folder=str(src), removed_blocks=list(pruned.config.removed_blocks),
                 unet_params={"before": before, "after": after, "kept_fraction": after / before})
-    (tmp / "prune_plan.json").write_text(json.dumps(plan, indent=2))
-    write_manifest(tmp, model=f"{model} pruned", prune_plan=plan)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:  # OUT is complete or absent
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "prune_plan.json").write_text(json.dumps(plan, indent=2))
+        write_manifest(tmp, model=f"{model} pruned", prune_plan=plan)
     return out
 
 
 def unet_block_costs(model: str, latency: bool, latent_size: int | None = None, batch: int = 2):
     """(params, latency_ms, total_params, total_ms) of the *target* model's removable blocks."""
     from slimsd.compress.profile import block_latency
-    from slimsd.models import build_components, load_pipeline
+    from slimsd.models import build_components, count_params, load_pipeline
 
     if model == "sd21-base-arch" and not latency:
         unet = build_components("sd21-base-arch", device="meta")[0]
@@ -218,6 +219,6 @@ def unet_block_costs(model: str, latency: bool, latent_size: int | None = None, 
     else:
         unet = load_pipeline(model).unet
     params = {b.name: b.params for b in list_blocks(unet) if b.removable}
-    total = sum(p.numel() for p in unet.parameters())
+    total = count_params(unet)
     lat = block_latency(unet, batch=batch, latent_size=latent_size) if latency else None
     return params, (lat or {}), total, (lat or {}).get("total")

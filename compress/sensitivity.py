@@ -17,12 +17,13 @@ from __future__ import annotations
 import csv
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from slimsd.io import atomic_write_text
 from slimsd.unet_blocks import ablate, list_blocks
 
 # metric -> +1 if higher is better, -1 if lower is better
@@ -44,7 +45,6 @@ class SensitivityConfig:
     inception_weights: str | None = None
     blocks: list[str] | None = None  # default: every removable block
     latent_size: int | None = None  # for MACs / latency columns
-    extra: dict = field(default_factory=dict)
 
 
 def _scorer(cfg: SensitivityConfig):
@@ -82,7 +82,7 @@ def _scorer(cfg: SensitivityConfig):
 def run_sensitivity(cfg: SensitivityConfig, accelerator=None) -> dict:
     from slimsd.compress.profile import block_latency, block_macs
     from slimsd.evaluator import diffusers_generate_fn, save_grid
-    from slimsd.models import load_pipeline
+    from slimsd.models import count_params, load_pipeline
 
     out = Path(cfg.out)
     (out / "blocks").mkdir(parents=True, exist_ok=True)
@@ -121,9 +121,9 @@ def run_sensitivity(cfg: SensitivityConfig, accelerator=None) -> dict:
     lat = block_latency(unet, batch=2, latent_size=cfg.latent_size)
     report = {
         "model": cfg.model,
-        "settings": {k: v for k, v in asdict(cfg).items() if k not in ("out", "extra")},
+        "settings": {k: v for k, v in asdict(cfg).items() if k != "out"},
         "unpruned": json.loads(base_file.read_text()),
-        "unet_params": sum(p.numel() for p in unet.parameters()),
+        "unet_params": count_params(unet),
         "unet_latency_ms": lat["total"],
         "machine": _machine(device),
         "blocks": [],
@@ -151,9 +151,7 @@ def _machine(device) -> dict:
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)  # atomic: a killed run never leaves half a file
+    atomic_write_text(path, json.dumps(data, indent=2))  # a killed run never leaves half a file
 
 
 def metric_names(report: dict) -> list[str]:

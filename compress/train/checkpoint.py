@@ -64,7 +64,10 @@ def find_checkpoint(spec: str | None, work: Path) -> Path | None:
 
 def save_checkpoint(accelerator, work: Path, step: int, keep: int) -> Path:
     """``accelerator.save_state`` into ``.checkpoint-{step}.tmp``, then an atomic rename to
-    ``checkpoint-{step}``: a kill at any moment never leaves a half checkpoint under that name."""
+    ``checkpoint-{step}``: a kill at any moment never leaves a half checkpoint under that name.
+
+    Not ``slimsd.io.atomic_dir``: every process writes its part of the checkpoint (its RNG
+    states) into the same temporary folder, so its name must not depend on the process."""
     final, tmp = work / f"checkpoint-{step}", work / f".checkpoint-{step}.tmp"
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from slimsd.io import atomic_path
 
 
 def _weights_key(*modules) -> str:
@@ -106,9 +106,8 @@ def build_latent_cache(vae, text_encoder, tokenizer, data: str, num: int, seed: 
         "table": table, "empty_id": len(unique), "scaling": float(vae.config.scaling_factor),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(cache, tmp)
-    tmp.replace(path)  # atomic: concurrent processes / a kill never leave half a cache
+    with atomic_path(path) as tmp:  # concurrent processes / a kill never leave half a cache
+        torch.save(cache, tmp)
     return cache
 
 

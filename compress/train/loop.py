@@ -44,7 +44,7 @@ def _train(cfg: TrainConfig, callback=None) -> Path:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from slimsd.models import resolve_model
+    from slimsd.models import count_params, resolve_model
 
     cfg = resolve_config(cfg)
     student_dir, teacher_dir = resolve_model(cfg.student), resolve_model(cfg.teacher)
@@ -56,8 +56,7 @@ def _train(cfg: TrainConfig, callback=None) -> Path:
 
     # --- models: the student trains; teacher, text encoder and VAE are frozen ---------------
     unet, teacher, parts = load_models(cfg, student_dir, teacher_dir, accelerator)
-    student_params = sum(p.numel() for p in unet.parameters())
-    teacher_params = sum(p.numel() for p in teacher.parameters())
+    student_params, teacher_params = count_params(unet), count_params(teacher)
     feats = (StageFeatures(teacher), StageFeatures(unet)) if cfg.stage == 1 and cfg.lambda_feat_kd > 0 else None
     ema = make_ema(cfg, unet)
     optimizer, lr_scheduler = make_optimizer(cfg, unet, accelerator.num_processes)
@@ -84,8 +83,6 @@ def _train(cfg: TrainConfig, callback=None) -> Path:
     while state.step < cfg.max_steps:
         t0 = time.time()
         optimisation_step(cfg, accelerator, unet, optimizer, lr_scheduler, objective, batches, state)
-        if not accelerator.sync_gradients:  # cannot happen: every step ends on an accumulation boundary
-            continue
         if ema is not None:
             ema.step(accelerator.unwrap_model(unet).parameters())
         state.step += 1

@@ -104,7 +104,7 @@ def stage1_losses(student, teacher, sched, z0, c, uncond, g: torch.Generator, cf
     z_t = sched.add_noise(z0, eps, t)  # alpha_t z_0 + sigma_t eps
     abar_t = abar_at(sched, t)  # (B,)
     weight = truncated_snr_weight(abar_t).to(dev) if cfg.snr_weighting == "truncated" else None
-    need_teacher = cfg.lambda_out_kd > 0 or use_cfg or cfg.lambda_feat_kd > 0
+    need_teacher = cfg.lambda_out_kd > 0 or cfg.lambda_feat_kd > 0  # without CFG: does any term need eps_T?
     tdt = next(teacher.parameters()).dtype
     if use_cfg:
         eps_s, eps_s_u = _eps_cfg_pair(student, z_t, t, c, uncond)  # student: with grad
@@ -128,7 +128,7 @@ def stage1_losses(student, teacher, sched, z0, c, uncond, g: torch.Generator, cf
         out["l_cfg_kd"] = loss_cfg_kd(z_t, abar_t, w, eps_t_u, eps_t, eps_s_u, eps_s, weight)  # eq. 1
         loss = loss + cfg.lambda_cfg_kd * out["l_cfg_kd"]
         out["w"] = torch.tensor(w)
-    if feats and cfg.lambda_feat_kd > 0:
+    if feats:
         ft_list, fs_list = matched_features(feats[0].pop(), fs)
         out["l_feat_kd"] = loss_feature_kd(ft_list, fs_list)
         loss = loss + cfg.lambda_feat_kd * out["l_feat_kd"]

@@ -3,7 +3,7 @@
 ``OUT/``: a complete diffusers pipeline folder (student U-Net + the frozen components),
 ``slimsd.json`` (``defaults: {steps, guidance}``, read by serve/ and export/), ``loss_log.json``,
 ``loss_curve.png``, ``training.json``, ``eval/`` and ``manifest.json`` (sha256 of every file).
-It is written to ``OUT.tmp`` and renamed: ``OUT`` is complete or absent.
+It is written to a temporary folder and renamed (slimsd.io.atomic_dir): ``OUT`` is complete or absent.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import torch
 
 from slimsd.compress.train.checkpoint import TrainState
 from slimsd.compress.train.config import TrainConfig, config_sha
+from slimsd.compress.train.objectives import LOG_KEYS
+from slimsd.io import atomic_dir
 
 
 def evaluate_unet(unet, parts: dict, steps: int, guidance: float, num_prompts: int, out: Path | None, seed: int = 0) -> dict:
@@ -44,7 +46,7 @@ def plot_loss_log(log: list, path: Path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in ("loss", "l_diff", "l_out_kd", "l_cfg_kd", "l_step_reduc", "l_feat_kd") if any(k in r for r in log)]
+    keys = [k for k in LOG_KEYS if k != "w" and any(k in r for r in log)]
     fig, ax = plt.subplots(figsize=(7, 3.8))
     for k in keys:
         pts = [(r["step"], r[k]) for r in log if k in r and r[k] > 0]
@@ -66,33 +68,47 @@ def _command() -> str:
 
 def write_output(unet, parts, cfg: TrainConfig, state: TrainState, student_dir: Path, teacher_dir: Path,
                  student_params: int, teacher_params: int, num_processes: int) -> Path:
-    """Pipeline folder written to ``OUT.tmp`` and renamed: OUT is complete or absent."""
+    """The pipeline folder ``OUT``, written to a temporary folder and renamed (slimsd.io.atomic_dir):
+    OUT is complete or absent."""
     from slimsd.manifest import write_manifest
-    from slimsd.models import make_pipeline
+    from slimsd.models import count_params, make_pipeline
 
     out = Path(cfg.out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     unet = unet.to("cpu", dtype=torch.float32).eval()
     vae, te = parts["vae"].to("cpu", dtype=torch.float32), parts["text_encoder"].to("cpu", dtype=torch.float32)
-    pipe = make_pipeline(unet, vae, te, parts["tokenizer"], parts["scheduler"])
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    plan = None
-    if (student_dir / "prune_plan.json").is_file():
-        shutil.copy2(student_dir / "prune_plan.json", tmp / "prune_plan.json")
-        plan = json.loads((tmp / "prune_plan.json").read_text())
-    (tmp / "loss_log.json").write_text(json.dumps(state.log))
     stage_name = {1: "CFG-aware retraining (stage 1)", 2: f"CFG-aware step distillation to {cfg.student_steps} steps (stage 2)"}[cfg.stage]
-    plot_loss_log(state.log, tmp / "loss_curve.png", f"{Path(cfg.out).name}: {stage_name}")
-    metrics = {}
-    if cfg.final_eval_prompts > 0:
-        tag = f"steps{cfg.sample_steps}_cfg{cfg.sample_guidance:g}"
-        metrics[tag] = evaluate_unet(unet, parts, cfg.sample_steps, cfg.sample_guidance, cfg.final_eval_prompts, tmp / "eval" / tag)
     defaults = {"steps": cfg.sample_steps, "guidance": cfg.sample_guidance}
-    unet_params = sum(p.numel() for p in unet.parameters())
-    total_params = unet_params + sum(p.numel() for p in vae.parameters()) + sum(p.numel() for p in te.parameters())
-    training = {
+    unet_params = count_params(unet)
+    params = {"unet": unet_params, "total": unet_params + count_params(vae) + count_params(te)}
+    with atomic_dir(out) as tmp:
+        make_pipeline(unet, vae, te, parts["tokenizer"], parts["scheduler"]).save_pretrained(tmp, safe_serialization=True)
+        plan = None
+        if (student_dir / "prune_plan.json").is_file():
+            shutil.copy2(student_dir / "prune_plan.json", tmp / "prune_plan.json")
+            plan = json.loads((tmp / "prune_plan.json").read_text())
+        (tmp / "loss_log.json").write_text(json.dumps(state.log))
+        plot_loss_log(state.log, tmp / "loss_curve.png", f"{out.name}: {stage_name}")
+        metrics = {}
+        if cfg.final_eval_prompts > 0:
+            tag = f"steps{cfg.sample_steps}_cfg{cfg.sample_guidance:g}"
+            metrics[tag] = evaluate_unet(unet, parts, cfg.sample_steps, cfg.sample_guidance, cfg.final_eval_prompts,
+                                         tmp / "eval" / tag)
+        training = training_record(cfg, state, stage_name, student_params, teacher_params, num_processes)
+        (tmp / "training.json").write_text(json.dumps(training, indent=2))
+        info = {"defaults": defaults, "stage": cfg.stage, "student_steps": cfg.student_steps if cfg.stage == 2 else None,
+                "scheduler": type(parts["scheduler"]).__name__, "params": params, "config_sha": config_sha(cfg),
+                "complete": True}
+        (tmp / "slimsd.json").write_text(json.dumps(info, indent=2) + "\n")
+        write_manifest(tmp, model=f"{out.name} ({stage_name})", training=training, metrics=metrics, defaults=defaults,
+                       default_steps=defaults["steps"], default_guidance=defaults["guidance"], params=params,
+                       **({"prune_plan": plan} if plan else {}))
+    return out
+
+
+def training_record(cfg: TrainConfig, state: TrainState, stage_name: str, student_params: int, teacher_params: int,
+                    num_processes: int) -> dict:
+    """``training.json``: the config, command, timings, machine and periodic evaluations of the run."""
+    return {
         "stage": cfg.stage, "what": stage_name,
         "config": asdict(cfg), "config_sha": config_sha(cfg), "command": _command(),
         "student": str(cfg.student), "teacher": str(cfg.teacher),
@@ -105,18 +121,6 @@ def write_output(unet, parts, cfg: TrainConfig, state: TrainState, student_dir: 
         "final_loss": state.log[-1] if state.log else None,
         "periodic_evals": state.evals,
     }
-    (tmp / "training.json").write_text(json.dumps(training, indent=2))
-    info = {"defaults": defaults, "stage": cfg.stage, "student_steps": cfg.student_steps if cfg.stage == 2 else None,
-            "scheduler": type(parts["scheduler"]).__name__, "params": {"unet": unet_params, "total": total_params},
-            "config_sha": config_sha(cfg), "complete": True}
-    (tmp / "slimsd.json").write_text(json.dumps(info, indent=2) + "\n")
-    write_manifest(tmp, model=f"{out.name} ({stage_name})", training=training, metrics=metrics, defaults=defaults,
-                   default_steps=defaults["steps"], default_guidance=defaults["guidance"],
-                   params={"unet": unet_params, "total": total_params}, **({"prune_plan": plan} if plan else {}))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
 
 
 def read_slimsd_json(folder: str | Path) -> dict | None:
