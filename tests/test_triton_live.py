@@ -22,6 +22,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -145,17 +146,14 @@ def test_concurrent_requests_are_batched_by_triton(triton, ort, onnx_dir):
     for f in feeds:
         f["timestep"] = np.array([999.0, 500.0], np.float32)  # per-row timesteps
     before = _batch_counts(triton, "unet")
-    out, gate = [None] * 4, threading.Barrier(4)
+    gate = threading.Barrier(4)
 
     def call(i):
-        gate.wait()
-        out[i] = runners.run("unet", **feeds[i])["out_sample"]
+        gate.wait(30)
+        return runners.run("unet", **feeds[i])["out_sample"]
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    with ThreadPoolExecutor(4) as ex:
+        out = [f.result(60) for f in [ex.submit(call, i) for i in range(4)]]  # a failed call raises here
     after = _batch_counts(triton, "unet")
     merged = {b: after[b] - before.get(b, 0) for b in after if b > 2 and after[b] > before.get(b, 0)}
     assert merged, f"no U-Net execution above one request's 2 rows: {before} -> {after}"
