@@ -1,6 +1,6 @@
 """``slimsd loadtest compare``: the teacher at 25 steps vs the compressed model at 8, under load.
 
-For each model in turn (never both at once, so they do not share the CPU/GPU):
+For each model in turn (never both under load at once, so they do not share the CPU/GPU):
 
 1. start ``slimsd serve MODEL --backend B --host 127.0.0.1 --port <free port>`` (a subprocess
    in its own process group, log in ``<out>/server-<role>.log``), wait for ``/health/ready``
@@ -13,6 +13,10 @@ For each model in turn (never both at once, so they do not share the CPU/GPU):
    happens on any error, Ctrl-C or SIGTERM to this command.
 
 Then :func:`slimsd.loadtest.report.write_report` writes ``report.md/.csv/.png/.json``.
+
+``one_server`` (``--one-server``): one ``slimsd serve baseline=A compressed=B`` holds both models
+and each role's requests name their model (``model``), as a client of a multi-model server does;
+the models still take turns under load.
 
 The compressed model is ``--compressed`` when given, else the preset ``tiny-sd-slim`` when it
 resolves (pruned + CFG-aware retrained + step-distilled), else a **pruned-only** stand-in made
@@ -73,7 +77,8 @@ class CompareConfig:
     images_per_request: int = 1
     prompts: Path | None = None
     max_batch_size: int = 8
-    max_wait_ms: int = 20
+    max_wait_ms: int = 0  # continuous batching (the server's default)
+    one_server: bool = False  # both models in one server, picked per request by `model`
     warmup: bool = True
     ready_timeout_s: float = 600.0
     stop_grace_s: float = 15.0
@@ -131,13 +136,14 @@ def _post(url: str, body: dict, timeout: float) -> int:
 class Server:
     """``slimsd serve`` on a free loopback port; always stopped on exit from the ``with`` block."""
 
-    def __init__(self, model: str, cfg: CompareConfig, log_path: Path, log=print):
-        self.model, self.cfg, self.log_path, self.log = model, cfg, log_path, log
+    def __init__(self, model: str | list[str], cfg: CompareConfig, log_path: Path, log=print):
+        models = [model] if isinstance(model, str) else list(model)
+        self.model, self.cfg, self.log_path, self.log = " ".join(models), cfg, log_path, log
         self.proc: subprocess.Popen | None = None
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         max_users = max(cfg.levels)
-        self.args = [model, "--backend", cfg.backend, "--host", HOST, "--port", str(self.port),
+        self.args = [*models, "--backend", cfg.backend, "--host", HOST, "--port", str(self.port),
                      "--device", cfg.device, "--max-batch-size", str(cfg.max_batch_size),
                      "--max-wait-ms", str(cfg.max_wait_ms), "--max-queue", str(max(32, 2 * max_users)),
                      "--request-timeout-s", "600", "--drain-timeout-s", "5", "--log-level", "warning"]
@@ -185,9 +191,33 @@ class Server:
         except OSError:
             return ""
 
-    def model_card(self) -> dict:
+    def model_card(self, model: str | None = None) -> dict:
+        """``/v1/models``' card of ``model`` (None: the first)."""
         status, body = _get(self.url + "/v1/models")
-        return json.loads(body)["data"][0] if status == 200 else {}
+        if status != 200:
+            return {}
+        cards = json.loads(body)["data"]
+        return next((c for c in cards if model is None or c["id"] == model), {})
+
+    def images_served(self) -> dict[str, int]:
+        """``slimsd_images_total`` per model id, from ``/metrics``."""
+        status, body = _get(self.url + "/metrics")
+        out: dict[str, int] = {}
+        for line in body.decode().splitlines() if status == 200 else []:
+            if line.startswith('slimsd_images_total{model="'):
+                series, _, value = line.rpartition(" ")
+                out[series.split('"')[1]] = int(float(value))
+        return out
+
+    def wait_idle(self, timeout_s: float = 120.0) -> dict[str, int]:
+        """Wait until nothing is queued or running (A1111 progress ``job_count`` 0); the image counts then."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            status, body = _get(self.url + "/sdapi/v1/progress?skip_current_image=true")
+            if status != 200 or json.loads(body)["state"]["job_count"] == 0:
+                break
+            time.sleep(0.1)
+        return self.images_served()
 
     def stop(self) -> None:
         """SIGTERM to the server's process group; SIGKILL after ``stop_grace_s``."""
@@ -212,27 +242,30 @@ class Server:
             self._logf = None
 
 
-def request_body(cfg: CompareConfig, steps: int) -> dict:
+def request_body(cfg: CompareConfig, steps: int, model: str | None = None) -> dict:
     body = {"prompt": "warm-up", "n": cfg.images_per_request, "num_inference_steps": steps,
             "guidance_scale": cfg.guidance, "seed": 0}
     if cfg.size:
         body["size"] = cfg.size
+    if model:
+        body["model"] = model
     return body
 
 
-def warm_up(server: Server, cfg: CompareConfig, steps: int) -> None:
+def warm_up(server: Server, cfg: CompareConfig, steps: int, model: str | None = None) -> None:
     """One burst per batch size the levels will produce, so no measured request pays for a new shape."""
     sizes = sorted({min(u * cfg.images_per_request, cfg.max_batch_size) // cfg.images_per_request or 1
                     for u in cfg.levels})
     url = server.url + "/v1/images/generations"
     for c in sizes:
         with ThreadPoolExecutor(c) as ex:
-            codes = list(ex.map(lambda i: _post(url, {**request_body(cfg, steps), "seed": i}, 600), range(c)))
+            codes = list(ex.map(lambda i: _post(url, {**request_body(cfg, steps, model), "seed": i}, 600), range(c)))
         if any(code != 200 for code in codes):
             raise RuntimeError(f"warm-up requests to {server.model} failed: HTTP {codes}; log:\n{server.log_tail()}")
 
 
-def run_locust(url: str, users: int, cfg: CompareConfig, steps: int, prefix: Path, prompts: Path) -> dict:
+def run_locust(url: str, users: int, cfg: CompareConfig, steps: int, prefix: Path, prompts: Path,
+               model: str | None = None) -> dict:
     """One level: locust headless as a subprocess; returns the parsed level."""
     prefix.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(users), "-r", str(users),
@@ -242,6 +275,8 @@ def run_locust(url: str, users: int, cfg: CompareConfig, steps: int, prefix: Pat
            "--summary-json", f"{prefix}_summary.json"]
     if cfg.size:
         cmd += ["--size", cfg.size]
+    if model:
+        cmd += ["--model", model]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMSD_LT_") and k != "SLIMSD_API_KEY"}
     with open(f"{prefix}.log", "w") as logf:
         r = subprocess.run(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, timeout=cfg.duration_s + 120)
@@ -315,21 +350,32 @@ def run_compare(cfg: CompareConfig, log=print) -> dict:
     old_term = None
     if hasattr(signal, "SIGTERM") and _in_main_thread():
         old_term = signal.signal(signal.SIGTERM, _raise_exit)  # SIGTERM -> finally blocks stop the server
+    def measure(server: Server, role: str, m: dict, model: str | None) -> None:
+        m["ready_s"] = round(server.ready_s, 1)
+        m["card"] = server.model_card(model)
+        before = server.wait_idle()  # the previous role's last requests (locust stops, they finish) are done
+        if cfg.warmup:
+            warm_up(server, cfg, m["steps"], model)
+        for users in cfg.levels:
+            prefix = out / "locust" / f"{role}-u{users}"
+            level = run_locust(server.url, users, cfg, m["steps"], prefix, prompts, model)
+            row = {"label": role, "model": m["model"], "steps": m["steps"], "users": users,
+                   "duration_s": cfg.duration_s, **level}
+            rows.append(row)
+            log(f"{role:<10} {users:>3} users: {row['requests']} requests, {row['failures']} failures, "
+                f"p50 {row['p50_ms']:.0f} ms, p95 {row['p95_ms']:.0f} ms, {row['images_per_s']:.3f} images/s")
+        after = server.images_served()  # which of the server's models made this role's images
+        m["images_served"] = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+
     try:
-        for role, m in models.items():
-            with Server(m["model"], cfg, out / f"server-{role}.log", log) as server:
-                m["ready_s"] = round(server.ready_s, 1)
-                m["card"] = server.model_card()
-                if cfg.warmup:
-                    warm_up(server, cfg, m["steps"])
-                for users in cfg.levels:
-                    prefix = out / "locust" / f"{role}-u{users}"
-                    level = run_locust(server.url, users, cfg, m["steps"], prefix, prompts)
-                    row = {"label": role, "model": m["model"], "steps": m["steps"], "users": users,
-                           "duration_s": cfg.duration_s, **level}
-                    rows.append(row)
-                    log(f"{role:<10} {users:>3} users: {row['requests']} requests, {row['failures']} failures, "
-                        f"p50 {row['p50_ms']:.0f} ms, p95 {row['p95_ms']:.0f} ms, {row['images_per_s']:.3f} images/s")
+        if cfg.one_server:  # one server holding both, each role's requests name their model
+            with Server([f"{role}={m['model']}" for role, m in models.items()], cfg, out / "server.log", log) as server:
+                for role, m in models.items():
+                    measure(server, role, m, role)
+        else:
+            for role, m in models.items():
+                with Server(m["model"], cfg, out / f"server-{role}.log", log) as server:
+                    measure(server, role, m, None)
     finally:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
@@ -342,7 +388,7 @@ def run_compare(cfg: CompareConfig, log=print) -> dict:
                      f"processes took CPU from both runs; ratios are more reliable than absolute numbers.")
     if cfg.short:
         notes.append("--short: 2 levels of 5 s each; a smoke test, not a measurement.")
-    result = {"backend": cfg.backend, "threads": cfg.threads, "levels": list(cfg.levels), "duration_s": cfg.duration_s,
+    result = {"backend": cfg.backend, "threads": cfg.threads, "one_server": cfg.one_server, "levels": list(cfg.levels), "duration_s": cfg.duration_s,
               "guidance": cfg.guidance, "size": cfg.size, "images_per_request": cfg.images_per_request,
               "models": models, "rows": rows, "machine": machine, "machine_line": describe(machine),
               "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},

@@ -23,6 +23,7 @@ argument                   variable                   meaning (default)
 ``--guidance``             ``SLIMSD_LT_GUIDANCE``     ``guidance_scale`` (empty: the model's default)
 ``--images-per-request``   ``SLIMSD_LT_N``            ``n`` (1)
 ``--scheduler``            ``SLIMSD_LT_SCHEDULER``    ddim | euler | euler_a | dpm++ (empty: server default)
+``--model``                ``SLIMSD_LT_MODEL``        the served model's id (empty: the server's default)
 ``--seed``                 ``SLIMSD_LT_SEED``         first seed (0)
 ``--think-time``           ``SLIMSD_LT_THINK_TIME``   seconds each user waits between requests (0)
 ``--request-timeout``      ``SLIMSD_LT_TIMEOUT``      client timeout in seconds (600)
@@ -62,6 +63,7 @@ _ENV = {  # argument -> (environment variable, default, help)
     "guidance": ("SLIMSD_LT_GUIDANCE", "", "guidance_scale (default: the model's own)"),
     "images_per_request": ("SLIMSD_LT_N", "1", "images per request (n)"),
     "scheduler": ("SLIMSD_LT_SCHEDULER", "", "ddim | euler | euler_a | dpm++ (default: the server's)"),
+    "model": ("SLIMSD_LT_MODEL", "", "id of one of the server's models (default: its default model)"),
     "seed": ("SLIMSD_LT_SEED", "0", "first seed; request i gets seed + i"),
     "think_time": ("SLIMSD_LT_THINK_TIME", "0", "seconds each user waits between requests"),
     "request_timeout": ("SLIMSD_LT_TIMEOUT", "600", "client timeout per request, seconds"),
@@ -104,6 +106,8 @@ class _Shared:
             self.body["guidance_scale"] = float(opts.guidance)
         if opts.scheduler:
             self.body["scheduler"] = opts.scheduler
+        if opts.model:
+            self.body["model"] = opts.model
         self.headers = {"Authorization": f"Bearer {opts.api_key}"} if opts.api_key else {}
         self.timeout = float(opts.request_timeout)
         self.think = float(opts.think_time)

@@ -474,6 +474,8 @@ def _add_loadtest(sub):
     c.add_argument("--images-per-request", type=int, default=1)
     c.add_argument("--prompts", default=None, help="prompt file, one per line (default: 64 held-out scene prompts)")
     c.add_argument("--max-batch-size", type=int, default=8, help="server micro-batch limit (images)")
+    c.add_argument("--one-server", action="store_true", help="one slimsd serve holding both models; each "
+                   "role's requests pick theirs with `model` (the models still take turns under load)")
     c.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip warming each batch shape")
     c.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for /health/ready "
                    "(includes the first start's ONNX export)")
@@ -494,7 +496,7 @@ def _cmd_loadtest_compare(a) -> int:
                         threads=a.threads, device=a.device, levels=tuple(int(x) for x in a.levels.split(",") if x),
                         duration_s=a.duration, short=a.short, guidance=a.guidance, size=a.size,
                         images_per_request=a.images_per_request, prompts=a.prompts, max_batch_size=a.max_batch_size,
-                        warmup=a.warmup, ready_timeout_s=a.ready_timeout,
+                        one_server=a.one_server, warmup=a.warmup, ready_timeout_s=a.ready_timeout,
                         command="slimsd " + shlex.join(sys.argv[1:] if sys.argv[1:2] == ["loadtest"] else
                                                        ["loadtest", "compare"]))
     log = (lambda m: print(m, file=sys.stderr, flush=True))

@@ -222,12 +222,18 @@ def test_compare_short_end_to_end(tmp_path):
     out = tmp_path / "lt"
     t0 = time.monotonic()
     p = subprocess.run(_slimsd() + ["loadtest", "compare", "--short", "--backend", "torch", "--threads", "1",
-                                    "--out", str(out), "--json"],
+                                    "--one-server", "--out", str(out), "--json"],
                        capture_output=True, text=True, timeout=240, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert p.returncode == 0, p.stderr[-4000:]
     r = json.loads(Path(json.loads(p.stdout)["files"]["json"]).read_text())
     _check_report(out, r)
-    print(f"compare --short (torch): {time.monotonic() - t0:.0f} s")
+    # --one-server: one `slimsd serve baseline=... compressed=...`; each role's requests reached its own model
+    assert r["one_server"] and (out / "server.log").is_file() and not (out / "server-baseline.log").exists()
+    for role, other in (("baseline", "compressed"), ("compressed", "baseline")):
+        served = r["models"][role]["images_served"]
+        assert served[role] > 0 and served[other] == 0, (role, served)
+        assert r["models"][role]["card"]["id"] == role
+    print(f"compare --short --one-server (torch): {time.monotonic() - t0:.0f} s")
 
 
 @pytest.mark.slow
