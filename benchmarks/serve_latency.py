@@ -1,14 +1,23 @@
-"""Single-request latency of the served pipeline: ONNX Runtime vs torch, per model.
+"""Single-request latency of the served pipeline against the same pipeline called directly, per model and backend.
 
     python benchmarks/serve_latency.py                        # tiny-sd @ its defaults (25 steps), + tiny-sd-slim if built
-    python benchmarks/serve_latency.py --models tiny-sd --repeats 20 --json benchmarks/serve_latency.json
+    python benchmarks/serve_latency.py --models tiny-sd-slim --backends onnxruntime --threads 1 --repeats 30 \\
+        --json benchmarks/results/serve_latency_threads1.json
 
-For each (model, backend): ``pipeline`` = one ``Pipeline.generate`` call (1 image, the model's
-default steps and guidance, CFG on: batch 2 through the U-Net); ``http`` = one
-``POST /v1/images/generations`` through the whole app in-process (validation, queue, worker
-thread, PNG + base64), ``max_wait_ms=0`` so batching adds no wait. Median and p90 over
-``--repeats`` runs after 2 warm-up runs. The load average is printed: on a shared machine
-other processes inflate every number.
+For each (model, backend), one image at the model's default steps and guidance (CFG on: batch 2
+through the U-Net), 1 user:
+
+* ``pipeline`` = one ``Pipeline.generate`` call in this process;
+* ``http`` = one ``POST /v1/images/generations`` to a real ``uvicorn`` server on loopback (the app of
+  ``slimsd serve``, in a thread of this process) through an ``httpx`` keep-alive client: JSON,
+  validation, the engine's queue and worker thread, PNG + base64, the socket;
+* ``server`` = the ``total`` of the response's ``Server-Timing`` header (arrival at the route to the
+  images, without PNG and the socket), ``inference`` its backend time.
+
+Calls are interleaved (pipeline, http, pipeline, ...) so that load from other processes hits both
+alike; median and p90 over ``--repeats`` pairs after 3 warm-up pairs. ``http / pipeline`` is the
+serving overhead (target: p50 within 1.05x). The load average before and after is recorded: on a
+shared machine other processes inflate every number.
 """
 
 from __future__ import annotations
@@ -17,7 +26,9 @@ import argparse
 import json
 import os
 import platform
+import socket
 import statistics
+import threading
 import time
 
 
@@ -28,38 +39,128 @@ def _stats(xs: list[float]) -> dict:
             "min_ms": round(1000 * xs[0], 1)}
 
 
-def measure(model: str, backend: str, repeats: int, threads: int | None) -> dict:
-    from fastapi.testclient import TestClient
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LoopbackServer:
+    """``create_app`` under uvicorn on 127.0.0.1 in a daemon thread."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = _free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        import httpx
+
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.port}"
+        t0 = time.monotonic()
+        while True:
+            try:
+                if httpx.get(self.url + "/health/ready", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() - t0 > 120:
+                raise TimeoutError("server not ready after 120 s")
+            time.sleep(0.02)
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def measure(model: str, backend: str, repeats: int, threads: int | None, users: int = 1,
+            seconds: float = 10.0) -> dict:
+    import httpx
 
     from slimsd.serve.app import create_app
-    from slimsd.serve.pipeline import load_pipeline
+    from slimsd.serve.pipeline import load_served_pipeline
     from slimsd.serve.settings import ServeSettings
 
-    settings = ServeSettings(model=model, backend=backend, threads=threads, max_wait_ms=0, warmup=False)
-    pipe = load_pipeline(settings)
+    settings = ServeSettings(model=model, backend=backend, threads=threads, warmup=False)
+    pipe = load_served_pipeline(settings)
     steps, guidance = pipe.defaults.steps, pipe.defaults.guidance
-    prompt = ["a red circle left of a blue square"]
-    for _ in range(2):
-        pipe.generate(prompt, None, [0])
-    direct = []
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        pipe.generate(prompt, None, [i])
-        direct.append(time.perf_counter() - t0)
-    http = []
-    with TestClient(create_app(settings, load=lambda: pipe)) as c:
-        while c.get("/health/ready").status_code != 200:
-            time.sleep(0.01)
-        body = {"prompt": prompt[0], "seed": 0}
-        for _ in range(2):
-            c.post("/v1/images/generations", json=body)
-        for i in range(repeats):
+    prompt = "a red circle left of a blue square"
+    direct, http, server, inference = [], [], [], []
+    with LoopbackServer(create_app(settings, load=lambda: pipe)) as srv, httpx.Client(base_url=srv.url, timeout=600) as c:
+        for i in range(-3, repeats):
             t0 = time.perf_counter()
-            r = c.post("/v1/images/generations", json={**body, "seed": i})
-            http.append(time.perf_counter() - t0)
+            pipe.generate([prompt], None, [max(i, 0)])
+            t1 = time.perf_counter()
+            r = c.post("/v1/images/generations", json={"prompt": prompt, "seed": max(i, 0)})
+            t2 = time.perf_counter()
             assert r.status_code == 200, r.text
-    return {"model": model, "backend": backend, "steps": steps, "guidance": guidance,
-            "image": list(pipe.image_size), "pipeline": _stats(direct), "http": _stats(http)}
+            if i < 0:
+                continue  # warm-up
+            timing = dict(p.strip().split(";dur=") for p in r.headers["server-timing"].split(","))
+            direct.append(t1 - t0)
+            http.append(t2 - t1)
+            server.append(float(timing["total"]) / 1000)
+            inference.append(float(timing["inference"]) / 1000)
+    out = {"model": model, "backend": backend, "steps": steps, "guidance": guidance, "image": list(pipe.image_size),
+           "pipeline": _stats(direct), "http": _stats(http), "server": _stats(server), "inference": _stats(inference)}
+    out["http_over_pipeline_p50"] = round(out["http"]["median_ms"] / out["pipeline"]["median_ms"], 3)
+    if users > 1:
+        out["throughput"] = throughput(pipe, settings, users, seconds, prompt)
+    return out
+
+
+def throughput(pipe, settings, users: int, seconds: float, prompt: str) -> dict:
+    """Images/s of ``users`` closed-loop clients through the server vs the pipeline called with batches of
+    ``users`` images back to back (what perfect batching would reach); each for ``seconds``, twice,
+    alternating (pipeline, http, pipeline, http) so that outside load hits both alike."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from slimsd.serve.app import create_app
+
+    def pipeline_run() -> float:
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            pipe.generate([prompt] * users, None, list(range(n, n + users)))
+            n += users
+        return n / (time.perf_counter() - t0)
+
+    def http_run(url: str) -> float:
+        stop = time.perf_counter() + seconds
+
+        def client(k: int) -> int:
+            done = 0
+            with httpx.Client(base_url=url, timeout=600) as c:
+                while time.perf_counter() < stop:
+                    r = c.post("/v1/images/generations", json={"prompt": prompt, "seed": k * 100000 + done})
+                    assert r.status_code == 200, r.text
+                    done += 1
+            return done
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(users) as ex:
+            n = sum(ex.map(client, range(users)))
+        return n / (time.perf_counter() - t0)
+
+    runs = {"pipeline": [], "http": []}
+    with LoopbackServer(create_app(settings, load=lambda: pipe)) as srv:
+        http_run(srv.url)  # warm the batch shapes
+        for _ in range(2):
+            runs["pipeline"].append(pipeline_run())
+            runs["http"].append(http_run(srv.url))
+        m = srv.server.config.app.state.metrics if hasattr(srv.server.config.app, "state") else None
+    out = {"users": users, "seconds_each": seconds, "pipeline_images_per_s": round(statistics.mean(runs["pipeline"]), 3),
+           "http_images_per_s": round(statistics.mean(runs["http"]), 3), "runs": runs}
+    out["http_over_pipeline"] = round(out["http_images_per_s"] / out["pipeline_images_per_s"], 3)
+    if m is not None:
+        n = m.registry.get_sample_value("slimsd_batch_size_count", {"model": pipe.name}) or 0
+        out["mean_batch_images"] = round((m.registry.get_sample_value("slimsd_batch_size_sum", {"model": pipe.name}) or 0)
+                                         / max(n, 1), 2)
+    return out
 
 
 def main() -> None:
@@ -70,6 +171,9 @@ def main() -> None:
     ap.add_argument("--backends", default="onnxruntime,torch")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    ap.add_argument("--users", type=int, default=4, help="throughput: closed-loop clients vs pipeline batches of "
+                    "this many images (1: skip)")
+    ap.add_argument("--seconds", type=float, default=10.0, help="throughput: seconds per run (2 runs each)")
     ap.add_argument("--json", default=None, help="also write the results here")
     a = ap.parse_args()
     if a.models:
@@ -78,25 +182,35 @@ def main() -> None:
         from slimsd.serve.models import default_model
 
         models = [TEACHER] + ([STUDENT] if default_model() == STUDENT else [])
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    t0 = time.monotonic()
     rows = []
     for model in models:
         for backend in a.backends.split(","):
-            r = measure(model, backend, a.repeats, a.threads)
+            r = measure(model, backend, a.repeats, a.threads, a.users, a.seconds)
             rows.append(r)
             print(f"{model:<14} {backend:<12} {r['steps']:>3} steps  pipeline {r['pipeline']['median_ms']:>8.1f} ms "
                   f"(p90 {r['pipeline']['p90_ms']:.1f})  http {r['http']['median_ms']:>8.1f} ms "
-                  f"(p90 {r['http']['p90_ms']:.1f})", flush=True)
+                  f"(p90 {r['http']['p90_ms']:.1f})  server {r['server']['median_ms']:.1f}  "
+                  f"inference {r['inference']['median_ms']:.1f}  http/pipeline {r['http_over_pipeline_p50']:.3f}",
+                  flush=True)
+            if "throughput" in r:
+                t = r["throughput"]
+                print(f"{'':<27} {t['users']} users: pipeline batches {t['pipeline_images_per_s']:.2f} images/s, "
+                      f"http {t['http_images_per_s']:.2f} images/s ({t['http_over_pipeline']:.3f}x), mean batch "
+                      f"{t.get('mean_batch_images')} images", flush=True)
     import onnxruntime
     import torch
 
     env = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-           "load_average_after": [round(x, 2) for x in os.getloadavg()], "torch": torch.__version__,
-           "onnxruntime": onnxruntime.__version__, "repeats": a.repeats, "threads": a.threads}
-    print(f"load average after: {env['load_average_after']} on {env['cores']} cores")
+           "load_average_before": load_before, "load_average_after": [round(x, 2) for x in os.getloadavg()],
+           "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "repeats": a.repeats,
+           "threads": a.threads, "wall_s": round(time.monotonic() - t0, 1), "http": "uvicorn on loopback, httpx keep-alive"}
+    print(f"load average before {env['load_average_before']}, after {env['load_average_after']} on {env['cores']} cores")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"environment": env, "results": rows}, f, indent=2)
-            f.write("\n")
+        from slimsd.io import atomic_write_text
+
+        atomic_write_text(a.json, json.dumps({"environment": env, "results": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

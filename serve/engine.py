@@ -137,6 +137,9 @@ class Running:
         return per_step * (self.steps - self.step)
 
 
+REFILL_MAX_S = 0.05
+
+
 @dataclass
 class EngineConfig:
     max_batch_size: int = 8
@@ -181,6 +184,7 @@ class Engine:
         self._busy = 0
         self.running: list[Running] = []
         self._batch_seconds = 1.0  # running mean, for Retry-After
+        self._expect, self._expect_until = 0, 0.0  # refill: requests expected back right after a batch
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -347,10 +351,15 @@ class Engine:
                     continue
                 first = self._pending[0]
                 same = [j for j in self._pending if j.key == first.key]
-                if cfg.max_wait_ms <= 0 or sum(j.n for j in same) >= cfg.max_batch_size:
-                    break
-                due = first.enqueued + cfg.max_wait_ms / 1000.0
                 now = time.monotonic()
+                if sum(j.n for j in same) >= cfg.max_batch_size:
+                    break
+                if cfg.max_wait_ms > 0:
+                    due = first.enqueued + cfg.max_wait_ms / 1000.0
+                elif len(same) < self._expect:
+                    due = self._expect_until  # refill: the clients just answered come back together
+                else:
+                    break
                 if now >= due:
                     break
                 self._cond.wait(due - now)
@@ -380,6 +389,19 @@ class Engine:
                     self._busy -= 1
 
     def _run(self, batch: list[Job]) -> None:
+        try:
+            self._run_batch(batch)
+        finally:
+            # Refill: the clients of this batch tend to send their next request within milliseconds of
+            # their answer. For a short window (a quarter of the batch time, at most REFILL_MAX_S) the
+            # next batch waits for them next to those already waiting, so closed-loop clients stay in
+            # one batch instead of splitting into a lone request and the rest. A lone client is never
+            # kept waiting (it is the one expected), and an engine idle past the window starts at once.
+            with self._cond:
+                self._expect = len(self._pending) + len(batch) if len(batch) + len(self._pending) > 1 else 0
+                self._expect_until = time.monotonic() + min(0.25 * self._batch_seconds, REFILL_MAX_S)
+
+    def _run_batch(self, batch: list[Job]) -> None:
         m, key = self.m, batch[0].key
         start = time.monotonic()
         for j in batch:
