@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from slimsd.compress.profile import block_latency, unet_inputs
 from slimsd.compress.prune import PRESETS, plan_pruning
 from slimsd.models import build_components, count_params
+from slimsd.profile import block_latency, unet_inputs
 from slimsd.unet_blocks import PrunedUNet2DConditionModel, list_blocks
 
 RESULTS = Path(__file__).parent / "results"

@@ -209,7 +209,7 @@ def prune_pipeline(model: str, removed_blocks: list[str], out: str | Path, plan:
 
 def unet_block_costs(model: str, latency: bool, latent_size: int | None = None, batch: int = 2):
     """(params, latency_ms, total_params, total_ms) of the *target* model's removable blocks."""
-    from slimsd.compress.profile import block_latency
+    from slimsd.profile import block_latency
     from slimsd.models import build_components, count_params, load_pipeline
 
     if model == "sd21-base-arch" and not latency:

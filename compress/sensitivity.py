@@ -80,7 +80,7 @@ def _scorer(cfg: SensitivityConfig):
 
 
 def run_sensitivity(cfg: SensitivityConfig, accelerator=None) -> dict:
-    from slimsd.compress.profile import block_latency, block_macs
+    from slimsd.profile import block_latency, block_macs
     from slimsd.evaluator import diffusers_generate_fn, save_grid
     from slimsd.models import count_params, load_pipeline
 

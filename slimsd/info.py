@@ -23,8 +23,8 @@ def info(spec) -> dict:
 
 def blocks_table(spec, latency: bool = True, latent_size: int | None = None, batch: int = 2) -> list[dict]:
     """Per-block params / MACs / latency of the U-Net (``slimsd info MODEL --blocks``)."""
-    from slimsd.compress.profile import block_table
     from slimsd.models import build_in_memory, load_pipeline
+    from slimsd.profile import block_table
 
     mods = build_in_memory(spec)  # random weights: build in memory, no 5 GB folder needed
     unet = mods["unet"].eval() if mods else load_pipeline(spec).unet

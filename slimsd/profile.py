@@ -1,5 +1,7 @@
 """Per-block cost of a U-Net: parameters, MACs and measured latency.
 
+In core (not compress/) because ``slimsd info MODEL --blocks`` and the pruning toolchain both use it.
+
 MACs come from ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2, per module);
 latency from forward pre/post hooks around each block during whole-U-Net forwards, so a
 block is timed where it really runs (same input shapes, caches, threads).
