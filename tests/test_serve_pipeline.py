@@ -358,65 +358,6 @@ def test_tensorrt_backend_matches_onnxruntime(onnx_dir, ort_pipe, tmp_path):  # 
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 3  # TF32 kernels
 
 
-# -- layering -----------------------------------------------------------------------------------
-def test_serving_never_imports_the_training_stack():
-    """No import chain from serve/ reaches slimsd.compress (the training stack).
-
-    Static, over every ``import`` (module level and inside functions) of serve/ and of the
-    slimsd modules it reaches, transitively: cheaper than a subprocess and it also covers
-    code paths a run would not take (tensorrt, triton).
-    """
-    import ast
-
-    import slimsd
-
-    root = Path(slimsd.__file__).parent.parent
-    dirs = {"slimsd.serve": root / "serve", "slimsd.export": root / "export", "slimsd.compress": root / "compress",
-            "slimsd.loadtest": root / "loadtest", "slimsd": root / "slimsd"}
-
-    def path_of(module: str) -> Path | None:
-        for prefix in sorted(dirs, key=len, reverse=True):
-            if module == prefix or module.startswith(prefix + "."):
-                rest = module[len(prefix):].lstrip(".").replace(".", "/")
-                base = dirs[prefix] / rest if rest else dirs[prefix]
-                for p in (base.with_suffix(".py"), base / "__init__.py"):
-                    if p.is_file():
-                        return p
-        return None
-
-    def imports(module: str, path: Path) -> set[str]:
-        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-        found = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                found.update(a.name for a in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    base = ".".join(up + ([base] if base else []))
-                found.add(base)
-                found.update(f"{base}.{a.name}" for a in node.names)
-        return {m for m in found if m == "slimsd" or m.startswith("slimsd.")}
-
-    start = [f"slimsd.serve.{p.stem}" for p in (root / "serve").glob("*.py") if p.stem != "__init__"]
-    seen, todo, chain = set(), list(start), {m: [m] for m in start}
-    while todo:
-        module = todo.pop()
-        if module in seen:
-            continue
-        seen.add(module)
-        assert not module.startswith("slimsd.compress"), " -> ".join(chain[module])
-        path = path_of(module)
-        if path is None:
-            continue  # a name imported from a module, not a module
-        for m in imports(module, path):
-            if m not in seen:
-                chain.setdefault(m, chain[module] + [m])
-                todo.append(m)
-    assert "slimsd.denoise" in seen and "slimsd.export.onnx" in seen  # the walk does follow imports
-
-
 def test_slimsd_serve_command_line_does_not_load_the_training_stack():
     """`slimsd serve ...` builds only stubs of the training commands: slimsd.compress stays unloaded."""
     import subprocess
