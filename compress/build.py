@@ -162,6 +162,12 @@ def run_stages(stages: list[Stage], state: dict, save_state, upstream: str, forc
                 for p in st.stale:
                     if p.exists():
                         shutil.rmtree(p)
+            # the fingerprint is recorded before the stage runs: a build killed inside it finds its
+            # own fingerprint on the rerun, keeps the stage's work folder and resumes from the last
+            # checkpoint (complete() still says the stage has to run)
+            state[st.name] = {"sha": sha, "started": True}
+            if _is_main():
+                save_state()
             _barrier()
             if _is_main() or not st.main_only:
                 st.run()

@@ -186,9 +186,6 @@ def test_tiny_sd_slim_preset_names_its_build_command(tmp_path, monkeypatch):
         M.resolve_model("tiny-sd-slim")
 
 
-@pytest.mark.xfail(strict=True, reason="compress/build.py run_stages records a stage's fingerprint only after the stage "
-                   "ends, so the rerun of a build killed inside its first training run sees no fingerprint, deletes "
-                   "stage1.work as stale and starts stage 1 afresh (reported in issue #20's note)")
 def test_build_killed_mid_stage_resumes_from_its_checkpoint(tmp_path, capsys):
     """`slimsd compress build` SIGKILLed inside stage 1 (after a checkpoint): the rerun skips the
     finished prune stage, resumes stage 1 from that checkpoint, and its loss log has each step once."""
