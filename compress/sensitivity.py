@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,19 +32,19 @@ METRIC_DIRECTION = {"fd": -1, "alignment": +1, "fid": -1, "clip_score": +1, "is_
 
 @dataclass
 class SensitivityConfig:
-    model: str
-    out: str
-    steps: int = 25  # the paper's Fig. 1 is at 25 steps
-    guidance: float = 7.5
-    num_prompts: int = 64
-    seed: int = 0
-    batch_size: int = 64
-    metrics: str = "scene"  # or "fid,clip,is" (needs reference + weights)
-    reference: str | None = None
-    clip_model: str | None = None
-    inception_weights: str | None = None
-    blocks: list[str] | None = None  # default: every removable block
-    latent_size: int | None = None  # for MACs / latency columns
+    model: str = field(metadata={"help": "preset, diffusers folder or hub id"})
+    out: str = field(metadata={"help": "report folder (resumable: rerun to continue)"})
+    steps: int = field(default=25, metadata={"help": "sampling steps (the paper's Fig. 1 is at 25)"})
+    guidance: float = field(default=7.5, metadata={"help": "CFG scale"})
+    num_prompts: int = field(default=64, metadata={"help": "held-out prompts scored per block"})
+    seed: int = field(default=0, metadata={"help": "prompt and noise seed (the same for every block)"})
+    batch_size: int = field(default=64, metadata={"help": "images per generation batch"})
+    metrics: str = field(default="scene", metadata={"help": "scene (FD, alignment) or fid,clip,is (real SD)"})
+    reference: str | None = field(default=None, metadata={"help": "image+caption data for fid/clip/is"})
+    clip_model: str | None = field(default=None, metadata={"help": "local transformers CLIPModel folder"})
+    inception_weights: str | None = field(default=None, metadata={"help": "local pt_inception-2015-12-05-6726825d.pth"})
+    blocks: tuple[str, ...] | None = field(default=None, metadata={"help": "block names (default: all removable)"})
+    latent_size: int | None = field(default=None, metadata={"help": "latent size for the MACs / latency columns"})
 
 
 def _scorer(cfg: SensitivityConfig):

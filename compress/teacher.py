@@ -19,7 +19,7 @@ import math
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,27 +31,31 @@ from slimsd.data.scenes import SceneDataset, to_tensor
 from slimsd.models import build_components, make_pipeline
 
 
+def _h(default, text):
+    return field(default=default, metadata={"help": text})
+
+
 @dataclass
 class TeacherConfig:
-    out: str = "slimsd/assets/tiny-sd"
-    seed: int = 0
+    out: str = _h("slimsd/assets/tiny-sd", "pipeline folder to write (default: the packaged tiny-sd)")
+    seed: int = _h(0, "seed of the weights, the data and the noise")
     # VAE: MSE + small KL, as SD's first stage minus the LPIPS/GAN terms that a
     # 64 px flat-shaded dataset does not need
-    vae_steps: int = 1200
-    vae_batch: int = 24
-    vae_lr: float = 1e-3
-    vae_kl_weight: float = 1e-6
+    vae_steps: int = _h(1200, "VAE optimisation steps")
+    vae_batch: int = _h(24, "VAE batch size")
+    vae_lr: float = _h(1e-3, "VAE AdamW learning rate")
+    vae_kl_weight: float = _h(1e-6, "weight of the VAE's KL term")
     # U-Net: epsilon-prediction MSE (L_Diff), 10% empty captions so CFG works
-    unet_steps: int = 5000
-    unet_batch: int = 64
-    unet_lr: float = 1e-3  # small model, short schedule: higher than SD's 1e-4
-    unet_warmup: int = 200
-    ema_decay: float = 0.999
-    caption_dropout: float = 0.1
-    num_latents: int = 40_000  # training images encoded once by the frozen VAE
-    threads: int = 0  # 0: torch default
-    evaluate: bool = True  # score the result and write manifest.json (needs the evaluator)
-    eval_prompts: int = 256
+    unet_steps: int = _h(5000, "U-Net optimisation steps")
+    unet_batch: int = _h(64, "U-Net batch size")
+    unet_lr: float = _h(1e-3, "U-Net AdamW peak learning rate (small model, short schedule: above SD's 1e-4)")
+    unet_warmup: int = _h(200, "linear warm-up steps of the U-Net's cosine schedule")
+    ema_decay: float = _h(0.999, "EMA decay of the U-Net weights")
+    caption_dropout: float = _h(0.1, "share of empty captions (the unconditional branch CFG needs)")
+    num_latents: int = _h(40_000, "training images encoded once by the frozen VAE")
+    threads: int = _h(0, "torch threads (0: torch's default)")
+    evaluate: bool = _h(True, "score the result and write manifest.json (needs the evaluator)")
+    eval_prompts: int = _h(256, "held-out prompts of the manifest's evaluation")
 
 
 def _cosine_lr(step: int, total: int, warmup: int) -> float:

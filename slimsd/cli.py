@@ -18,28 +18,20 @@ def _sub(sub, name, **kw) -> argparse.ArgumentParser:
 
 
 def _add_train_teacher(sub):
-    from dataclasses import asdict
-
+    """Flags mirror :class:`slimsd.compress.teacher.TeacherConfig` field by field (help = field metadata)."""
+    from slimsd.cliargs import add_fields
     from slimsd.compress.teacher import TeacherConfig
 
-    D = asdict(TeacherConfig())
-
     p = _sub(sub, "train-teacher", help=_HELP["train-teacher"])
-    p.add_argument("--out", default=D["out"], help="pipeline folder to write (default: the packaged tiny-sd)")
-    p.add_argument("--no-evaluate", dest="evaluate", action="store_false", help="skip scoring the result")
-    for k in ("seed", "vae_steps", "vae_batch", "unet_steps", "unet_batch", "num_latents", "threads", "eval_prompts"):
-        p.add_argument("--" + k.replace("_", "-"), type=int, default=D[k])
-    for k in ("vae_lr", "unet_lr", "ema_decay", "caption_dropout"):
-        p.add_argument("--" + k.replace("_", "-"), type=float, default=D[k])
+    add_fields(p, TeacherConfig)
     p.set_defaults(func=_cmd_train_teacher)
 
 
 def _cmd_train_teacher(a) -> int:
+    from slimsd.cliargs import from_args
     from slimsd.compress.teacher import TeacherConfig, train_teacher
 
-    fields = TeacherConfig.__dataclass_fields__
-    cfg = TeacherConfig(**{k: v for k, v in vars(a).items() if k in fields})
-    out = train_teacher(cfg)
+    out = train_teacher(TeacherConfig(**from_args(TeacherConfig, a)))
     print(json.dumps({"out": str(out)}) if a.json else f"wrote {out}")
     return 0
 
