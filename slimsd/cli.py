@@ -195,22 +195,15 @@ def _cmd_info(a) -> int:
 
 
 def _add_compress(sub):
+    from slimsd.cliargs import add_fields
+    from slimsd.compress.sensitivity import SensitivityConfig
+
     p = _sub(sub, "compress", help=_HELP["compress"])
     csub = p.add_subparsers(dest="compress_command", required=True)
 
     s = _sub(csub, "sensitivity", help="quality with each U-Net block replaced by identity (paper Fig. 1)")
-    s.add_argument("model")
-    s.add_argument("--out", required=True, help="report folder (resumable: rerun to continue)")
-    s.add_argument("--steps", type=int, default=25)
-    s.add_argument("--guidance", type=float, default=7.5)
-    s.add_argument("--num-prompts", type=int, default=64)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--metrics", default="scene", help="scene (FD, alignment) or fid,clip,is (real SD)")
-    s.add_argument("--reference", default=None)
-    s.add_argument("--clip-model", default=None)
-    s.add_argument("--inception-weights", default=None)
-    s.add_argument("--blocks", default=None, help="comma list of block names (default: all removable)")
+    s.add_argument("model", help="preset, diffusers folder or hub id")
+    add_fields(s, SensitivityConfig, skip=("model",), required=("out",))
     s.set_defaults(func=_cmd_sensitivity)
 
     r = _sub(csub, "prune", help="remove blocks under a budget (or a BK-SDM preset) and write a pipeline folder")
@@ -270,10 +263,9 @@ def _cmd_sensitivity(a) -> int:
         from accelerate import Accelerator
 
         accelerator = Accelerator()
-    cfg = SensitivityConfig(model=a.model, out=a.out, steps=a.steps, guidance=a.guidance, num_prompts=a.num_prompts,
-                            seed=a.seed, batch_size=a.batch_size, metrics=a.metrics, reference=a.reference,
-                            clip_model=a.clip_model, inception_weights=a.inception_weights,
-                            blocks=a.blocks.split(",") if a.blocks else None)
+    from slimsd.cliargs import from_args
+
+    cfg = SensitivityConfig(**from_args(SensitivityConfig, a))
     r = run_sensitivity(cfg, accelerator)
     if not r:
         return 0
