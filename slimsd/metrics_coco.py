@@ -277,12 +277,34 @@ def coco_metrics(
         ImportError: FID/IS without a working ``torch-fidelity``.
     """
     metrics = tuple(dict.fromkeys(metrics))  # de-duplicate, keep order
+    images, prompts = list(images), list(prompts) if not isinstance(prompts, str) else prompts
+    _check_arguments(images, prompts, reference_images, metrics, batch_size, is_splits)
+    # Check every local file before any heavy work, so a missing one fails fast.
+    clip_path = _check_clip_model(clip_model) if "clip" in metrics else None
+    weights = _check_inception_weights(inception_weights) if {"fid", "is"} & set(metrics) else None
+    if weights is not None:
+        _require_torch_fidelity()
+        _warn_if_unexpected_weights(weights)
+
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out: dict[str, Any] = {"num_images": len(images)}
+    with torch.no_grad():
+        if "clip" in metrics:
+            out["clip_score"] = _clip_score(images, prompts, clip_path, batch_size, dev)
+        if "fid" in metrics:
+            out["fid"] = _fid(images, reference_images, weights, batch_size, dev)
+            out["num_reference_images"] = len(reference_images)
+        if "is" in metrics:
+            out["is_mean"], out["is_std"] = _inception_score(images, weights, batch_size, is_splits, dev)
+    return out
+
+
+def _check_arguments(images, prompts, reference_images, metrics, batch_size, is_splits) -> None:
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
         raise ValueError(f"metrics must be a non-empty subset of {METRICS}, got {metrics!r}")
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings, one per image, not a single string")
-    images, prompts = list(images), list(prompts)
     if len(images) != len(prompts):
         raise ValueError(f"got {len(images)} images but {len(prompts)} prompts; need one prompt per image")
     if not images:
@@ -299,52 +321,39 @@ def coco_metrics(
     if "is" in metrics and len(images) < is_splits:
         raise ValueError(f"Inception Score with is_splits={is_splits} needs at least that many images, got {len(images)}")
 
-    # Check every local file before any heavy work, so a missing one fails fast.
-    clip_path = _check_clip_model(clip_model) if "clip" in metrics else None
-    weights = _check_inception_weights(inception_weights) if {"fid", "is"} & set(metrics) else None
-    if weights is not None:
-        _require_torch_fidelity()
-        _warn_if_unexpected_weights(weights)
 
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out: dict[str, Any] = {"num_images": len(images)}
+def _clip_score(images, prompts, clip_path, batch_size: int, dev) -> float:
+    """torchmetrics' ``CLIPScore`` / 100: the mean image-prompt cosine similarity, 0..1."""
+    from torchmetrics.multimodal import CLIPScore
 
-    with torch.no_grad():
-        if "clip" in metrics:
-            from torchmetrics.multimodal import CLIPScore
+    clip = CLIPScore(model_name_or_path=_clip_loader(clip_path)).to(dev)
+    for s in range(0, len(images), batch_size):
+        batch = [_to_uint8_chw(im).to(dev) for im in images[s : s + batch_size]]
+        clip.update(batch, prompts[s : s + batch_size])
+    return float(clip.compute()) / 100.0
 
-            clip = CLIPScore(model_name_or_path=_clip_loader(clip_path)).to(dev)
-            for s in range(0, len(images), batch_size):
-                batch = [_to_uint8_chw(im).to(dev) for im in images[s : s + batch_size]]
-                clip.update(batch, prompts[s : s + batch_size])
-            out["clip_score"] = float(clip.compute()) / 100.0
-            del clip
 
-        if "fid" in metrics:
-            from torchmetrics.image.fid import FrechetInceptionDistance
+def _fid(images, reference_images, weights, batch_size: int, dev) -> float:
+    from torchmetrics.image.fid import FrechetInceptionDistance
 
-            fid = FrechetInceptionDistance(feature=_inception(weights, "2048"), normalize=False).to(dev)
-            for batch in _uint8_batches(reference_images, batch_size):
-                fid.update(batch.to(dev), real=True)
-            for batch in _uint8_batches(images, batch_size):
-                fid.update(batch.to(dev), real=False)
-            out["fid"] = float(fid.compute())
-            out["num_reference_images"] = len(reference_images)
-            del fid
+    fid = FrechetInceptionDistance(feature=_inception(weights, "2048"), normalize=False).to(dev)
+    for batch in _uint8_batches(reference_images, batch_size):
+        fid.update(batch.to(dev), real=True)
+    for batch in _uint8_batches(images, batch_size):
+        fid.update(batch.to(dev), real=False)
+    return float(fid.compute())
 
-        if "is" in metrics:
-            from torchmetrics.image.inception import InceptionScore
 
-            with warnings.catch_warnings():  # "will save all extracted features in buffer": intended
-                warnings.filterwarnings("ignore", message=".*save all extracted features.*")
-                iscore = InceptionScore(feature=_inception(weights, "logits_unbiased"), splits=is_splits).to(dev)
-            for batch in _uint8_batches(images, batch_size):
-                iscore.update(batch.to(dev))
-            with warnings.catch_warnings():  # one split: torch warns that its std is undefined
-                warnings.filterwarnings("ignore", message=".*degrees of freedom.*")
-                mean, std = iscore.compute()
-            out["is_mean"] = float(mean)
-            out["is_std"] = float(std) if is_splits > 1 else math.nan  # one split: no spread
-            del iscore
+def _inception_score(images, weights, batch_size: int, is_splits: int, dev) -> tuple[float, float]:
+    """(mean, std over the splits); std is NaN with one split (no spread)."""
+    from torchmetrics.image.inception import InceptionScore
 
-    return out
+    with warnings.catch_warnings():  # "will save all extracted features in buffer": intended
+        warnings.filterwarnings("ignore", message=".*save all extracted features.*")
+        iscore = InceptionScore(feature=_inception(weights, "logits_unbiased"), splits=is_splits).to(dev)
+    for batch in _uint8_batches(images, batch_size):
+        iscore.update(batch.to(dev))
+    with warnings.catch_warnings():  # one split: torch warns that its std is undefined
+        warnings.filterwarnings("ignore", message=".*degrees of freedom.*")
+        mean, std = iscore.compute()
+    return float(mean), (float(std) if is_splits > 1 else math.nan)
