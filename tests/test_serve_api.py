@@ -488,3 +488,42 @@ def test_finished_jobs_expire_by_time_and_count(pipe):
         time.sleep(0.6)
         assert_error(c.get(f"{JOBS}/{ids[2]}"), 404, code="job_not_found")  # past the time to live
         assert len(c.app.state.jobs) == 0
+
+
+def test_refill_keeps_closed_loop_clients_in_one_batch(pipe):
+    """Three clients that re-send as soon as they are answered: the first one back must not start alone
+    (a batch of 1 then 2 from then on); the engine waits briefly for the clients it just answered."""
+    from slimsd.serve.engine import BatchKey, Engine, EngineConfig, Job
+
+    held = Held(pipe.runners, 0.0)
+    engine = Engine(lambda: replace(pipe, runners=held), EngineConfig(max_batch_size=8, warmup=False), name="m")
+    assert engine.load_and_run()
+    key = BatchKey(64, 64, 2, 7.5, "ddim")
+
+    def job(seed):
+        return Job(key, [PROMPT], [""], [seed])
+
+    try:
+        held.gate.clear()
+        first = [job(i) for i in range(3)]
+        blocker = job(99)
+        engine.enqueue(blocker)
+        assert held.entered.wait(10)  # the blocker runs; the three queue behind it
+        for j in first:
+            engine.enqueue(j)
+        held.gate.set()
+
+        def client(j):  # closed loop: the next request as soon as the answer is there
+            j.future.result(30)
+            nxt = job(j.seeds[0] + 10)
+            engine.enqueue(nxt)
+            return nxt.future.result(30)
+
+        with ThreadPoolExecutor(3) as ex:
+            list(ex.map(client, first))
+        m = engine.metrics.registry
+        sizes = m.get_sample_value("slimsd_batch_requests_sum", {"model": "m"})
+        count = m.get_sample_value("slimsd_batch_requests_count", {"model": "m"})
+        assert (count, sizes) == (3, 7), (count, sizes)  # the blocker, the three, the three again
+    finally:
+        engine.close()
