@@ -7,7 +7,10 @@ worker that finishes a batch takes, at once, the oldest waiting request and ever
 request with its key (up to ``max_batch_size`` images, in arrival order), i.e. the requests that
 arrived while the previous batch ran; an idle worker starts a lone request immediately. There
 is no timer unless ``max_wait_ms`` > 0 asks for one (then the oldest request waits that long
-after its arrival for company). Requests with other keys keep their place.
+after its arrival for company). Requests with other keys keep their place. Refill: right after
+a batch, for a quarter of its time (at most ``REFILL_MAX_S``), the next batch waits for the
+clients just answered to come back (closed-loop clients return together), so they are not split
+into a lone request and the rest; a lone client and an engine idle past that window never wait.
 
 Each model has its own :class:`Engine` (queue, workers, metrics labelled with its id);
 :class:`Engines` holds them, loads them one after the other (the default first) and answers for
