@@ -439,36 +439,15 @@ def _cmd_serve(a) -> int:
 
 
 def _add_loadtest(sub):
-    from slimsd.loadtest.compare import BACKENDS, MAX_DURATION_S, MAX_LEVELS, MAX_USERS
+    """``compare`` flags mirror :class:`slimsd.loadtest.compare.CompareConfig` (help = field metadata)."""
+    from slimsd.cliargs import add_fields
+    from slimsd.loadtest.compare import CompareConfig
 
     p = sub.add_parser("loadtest", help="locust load tests of slimsd serve (docs/loadtest.md)")
     lsub = p.add_subparsers(dest="loadtest_command", required=True)
     c = _sub(lsub, "compare", help="baseline (teacher, 25 steps) vs compressed model (8 steps) through "
              "slimsd serve under locust at fixed concurrency levels; writes report.md/.csv/.png")
-    c.add_argument("--out", default="runs/loadtest", help="report folder (default runs/loadtest)")
-    c.add_argument("--baseline", default="tiny-sd", help="baseline model (default tiny-sd, the teacher)")
-    c.add_argument("--baseline-steps", type=int, default=25)
-    c.add_argument("--compressed", default=None, help="compressed model (default: tiny-sd-slim when it resolves, "
-                   "else the baseline pruned with --prune-preset only, made once into $SLIMSD_CACHE/loadtest)")
-    c.add_argument("--compressed-steps", type=int, default=8)
-    c.add_argument("--prune-preset", default="bk-small", help="preset of the pruned-only stand-in (default bk-small)")
-    c.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="the same for both models")
-    c.add_argument("--threads", type=int, default=None, help="server intra-op threads (default: all cores)")
-    c.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    c.add_argument("--levels", default="1,4,16", help=f"concurrent users per level, comma list (at most "
-                   f"{MAX_LEVELS} levels of 1-{MAX_USERS} users; default 1,4,16)")
-    c.add_argument("--duration", type=int, default=20, help=f"seconds per level (1-{MAX_DURATION_S}; default 20)")
-    c.add_argument("--short", action="store_true", help="smoke test: levels 1,2 for 5 s each")
-    c.add_argument("--guidance", type=float, default=7.5)
-    c.add_argument("--size", default=None, help="'WxH' (default: the model's native size)")
-    c.add_argument("--images-per-request", type=int, default=1)
-    c.add_argument("--prompts", default=None, help="prompt file, one per line (default: 64 held-out scene prompts)")
-    c.add_argument("--max-batch-size", type=int, default=8, help="server micro-batch limit (images)")
-    c.add_argument("--one-server", action="store_true", help="one slimsd serve holding both models; each "
-                   "role's requests pick theirs with `model` (the models still take turns under load)")
-    c.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip warming each batch shape")
-    c.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for /health/ready "
-                   "(includes the first start's ONNX export)")
+    add_fields(c, CompareConfig, skip=("command",))
     c.set_defaults(func=_cmd_loadtest_compare)
     pr = _sub(lsub, "prompts", help="write held-out scene prompts, one per line, for locust --prompts-file")
     pr.add_argument("file")
@@ -481,12 +460,9 @@ def _cmd_loadtest_compare(a) -> int:
 
     from slimsd.loadtest.compare import CompareConfig, run_compare
 
-    cfg = CompareConfig(out=a.out, baseline=a.baseline, baseline_steps=a.baseline_steps, compressed=a.compressed,
-                        compressed_steps=a.compressed_steps, prune_preset=a.prune_preset, backend=a.backend,
-                        threads=a.threads, device=a.device, levels=tuple(int(x) for x in a.levels.split(",") if x),
-                        duration_s=a.duration, short=a.short, guidance=a.guidance, size=a.size,
-                        images_per_request=a.images_per_request, prompts=a.prompts, max_batch_size=a.max_batch_size,
-                        one_server=a.one_server, warmup=a.warmup, ready_timeout_s=a.ready_timeout,
+    from slimsd.cliargs import from_args
+
+    cfg = CompareConfig(**from_args(CompareConfig, a, skip=("command",)),
                         command="slimsd " + shlex.join(sys.argv[1:] if sys.argv[1:2] == ["loadtest"] else
                                                        ["loadtest", "compare"]))
     log = (lambda m: print(m, file=sys.stderr, flush=True))

@@ -16,7 +16,8 @@ Rules, the same for every command:
 * help is the dataclass field's ``metadata["help"]`` or the pydantic field's ``description``,
   and the default is shown;
 * ``bool``: default False -> ``--name`` turns it on; default True -> ``--no-name`` turns it off;
-* ``Literal[...]`` -> ``choices``; ``int`` / ``float`` (optional or not) -> that type, else str;
+* ``Literal[...]`` (or ``metadata={"choices": ...}``) -> ``choices``; ``int`` / ``float``
+  (optional or not) -> that type, else str;
 * ``list[...]`` -> the flag may be repeated; ``tuple[int, ...]`` -> one comma list of that type.
 
 Why a small helper and not tyro / simple-parsing / jsonargparse: every existing flag keeps its
@@ -45,7 +46,10 @@ def _fields(cls) -> list[tuple[str, typing.Any, typing.Any, str, str | None]]:
                 default = f.default_factory()  # type: ignore[misc]
             else:
                 default = None
-            out.append((f.name, hints[f.name], default, f.metadata.get("help", ""), f.metadata.get("flag")))
+            ann = hints[f.name]
+            if "choices" in f.metadata:  # choices known only at run time (a registry's names)
+                ann = typing.Literal[tuple(f.metadata["choices"])]
+            out.append((f.name, ann, default, f.metadata.get("help", ""), f.metadata.get("flag")))
         return out
     if hasattr(cls, "model_fields"):  # pydantic v2
         return [(n, f.annotation, f.get_default(call_default_factory=True), f.description or "",

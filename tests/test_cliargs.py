@@ -85,3 +85,9 @@ def test_the_real_commands_keep_their_flags():
     assert {"--max-steps", "--learning-rate", "--mixed-precision", "--use-ema", "--resume-from-checkpoint",
             "--lambda-cfg-kd", "--student", "--out"} <= flags("compress", "train")
     assert {"--backend", "--precision", "--threads", "--no-openvino-cache", "--no-warmup", "--port"} <= flags("serve")
+    assert {"--out", "--baseline", "--baseline-steps", "--compressed", "--compressed-steps", "--prune-preset",
+            "--backend", "--threads", "--device", "--levels", "--duration", "--short", "--guidance", "--size",
+            "--images-per-request", "--prompts", "--max-batch-size", "--one-server", "--no-warmup",
+            "--ready-timeout"} <= flags("loadtest", "compare")
+    assert {"--out", "--steps", "--num-prompts", "--blocks", "--metrics"} <= flags("compress", "sensitivity")
+    assert {"--vae-steps", "--unet-steps", "--no-evaluate", "--caption-dropout"} <= flags("train-teacher")
