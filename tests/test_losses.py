@@ -1,6 +1,5 @@
 """Each loss against a hand computation (compress/losses.py, paper eqs. 1-3)."""
 
-import math
 
 import pytest
 import torch

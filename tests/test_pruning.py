@@ -7,7 +7,7 @@ import torch
 from accelerate import init_empty_weights
 
 from slimsd.compress.prune import PRESETS, damage, plan_pruning, prune_pipeline
-from slimsd.models import SD21_UNET, build_components, count_params, load_pipeline
+from slimsd.models import SD21_UNET, count_params, load_pipeline
 from slimsd.profile import unet_inputs
 from slimsd.unet_blocks import PrunedUNet2DConditionModel, ablate, list_blocks, remove_blocks
 

@@ -43,9 +43,24 @@ def start(args: list[str], env_extra: dict, log: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def _wait_ready(proc, url: str, log, interval: float = 0.2, limit_s: float = 180) -> None:
+    """Until /health/ready answers 200; fails with the server's log if it exits or takes too long."""
+    import httpx
+
+    t0 = time.monotonic()
+    while True:
+        assert proc.poll() is None, f"server exited {proc.returncode}:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() - t0 < limit_s, f"not ready after {limit_s:.0f} s:\n{log.read_text()[-3000:]}"
+        try:
+            if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(interval)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import httpx
 
     from slimsd.serve.models import ensure_onnx
 
@@ -60,16 +75,7 @@ def server(tmp_path_factory):
                   "--drain-timeout-s", "20"],
                  {"SLIMSD_CACHE": str(cache), "SLIMSD_API_KEY": KEY}, log)
     url = f"http://127.0.0.1:{port}"
-    t0 = time.monotonic()
-    while True:
-        assert proc.poll() is None, f"server exited {proc.returncode}:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() - t0 < 180, f"not ready after 180 s:\n{log.read_text()[-3000:]}"
-        try:
-            if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+    _wait_ready(proc, url, log)
     yield {"url": url, "port": port, "proc": proc, "log": log}
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -252,16 +258,7 @@ def test_sigterm_drains_then_exits_cleanly(tmp_path):
     url = f"http://127.0.0.1:{port}"
     gen = url + "/v1/images/generations"
     try:
-        t0 = time.monotonic()
-        while True:
-            assert proc.poll() is None, f"server exited {proc.returncode}:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() - t0 < 180, f"not ready after 180 s:\n{log.read_text()[-3000:]}"
-            try:
-                if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        _wait_ready(proc, url, log, interval=0.1)
         with ThreadPoolExecutor(2) as ex:
             running = ex.submit(httpx.post, gen, headers=auth(), timeout=60,
                                 json={"prompt": "[hold] " + PROMPT, "num_inference_steps": 2, "seed": 1})

@@ -23,7 +23,6 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,7 +114,7 @@ def _pipeline_image(server, prompt: str, seed: int, steps: int) -> np.ndarray:
 
 
 def test_the_launcher_binds_loopback_and_reports_ready(triton):
-    assert triton.cfg.host == "127.0.0.1" and f"--http-address=127.0.0.1" in triton.command
+    assert triton.cfg.host == "127.0.0.1" and "--http-address=127.0.0.1" in triton.command
     assert _get(f"http://{triton.http_url}/v2/health/ready")[0] == 200
     status, body = _get(f"http://{triton.http_url}/v2/models/unet/config")
     cfg = json.loads(body)
