@@ -27,6 +27,9 @@ student, images not worth looking at. The report says which one ran.
 Bounded: at most :data:`MAX_LEVELS` levels of at most :data:`MAX_USERS` users, each at most
 :data:`MAX_DURATION_S` s; server start-up is bounded by ``--ready-timeout`` and each locust run by
 its duration + 120 s. Loopback only: the servers bind 127.0.0.1 and locust targets it.
+
+(Just over ~400 lines: the run is one sequence, servers up, levels, servers down, report, and
+reads best top to bottom in one file.)
 """
 
 from __future__ import annotations

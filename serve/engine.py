@@ -23,6 +23,9 @@ Failure modes are explicit: a full queue raises :class:`QueueFull` (-> 429 + Ret
 a request not served within ``request_timeout_s`` :class:`RequestTimeout` (-> 504; if it has
 not started it is dropped from the queue), an exception in the backend :class:`BackendError`
 for every request of that batch (-> 503) while the worker goes on with the next batch.
+
+(Over ~400 lines on purpose: queueing, batching, refill, progress, interrupt and drain share
+one lock and one queue per model; split across files they would have to share that state.)
 """
 
 from __future__ import annotations
