@@ -17,12 +17,13 @@ from __future__ import annotations
 import csv
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from slimsd.cliargs import option
 from slimsd.io import atomic_write_text
 from slimsd.unet_blocks import ablate, list_blocks
 
@@ -32,19 +33,19 @@ METRIC_DIRECTION = {"fd": -1, "alignment": +1, "fid": -1, "clip_score": +1, "is_
 
 @dataclass
 class SensitivityConfig:
-    model: str = field(metadata={"help": "preset, diffusers folder or hub id"})
-    out: str = field(metadata={"help": "report folder (resumable: rerun to continue)"})
-    steps: int = field(default=25, metadata={"help": "sampling steps (the paper's Fig. 1 is at 25)"})
-    guidance: float = field(default=7.5, metadata={"help": "CFG scale"})
-    num_prompts: int = field(default=64, metadata={"help": "held-out prompts scored per block"})
-    seed: int = field(default=0, metadata={"help": "prompt and noise seed (the same for every block)"})
-    batch_size: int = field(default=64, metadata={"help": "images per generation batch"})
-    metrics: str = field(default="scene", metadata={"help": "scene (FD, alignment) or fid,clip,is (real SD)"})
-    reference: str | None = field(default=None, metadata={"help": "image+caption data for fid/clip/is"})
-    clip_model: str | None = field(default=None, metadata={"help": "local transformers CLIPModel folder"})
-    inception_weights: str | None = field(default=None, metadata={"help": "local pt_inception-2015-12-05-6726825d.pth"})
-    blocks: tuple[str, ...] | None = field(default=None, metadata={"help": "block names (default: all removable)"})
-    latent_size: int | None = field(default=None, metadata={"help": "latent size for the MACs / latency columns"})
+    model: str = option(help="preset, diffusers folder or hub id")
+    out: str = option(help="report folder (resumable: rerun to continue)")
+    steps: int = option(25, "sampling steps (the paper's Fig. 1 is at 25)")
+    guidance: float = option(7.5, "CFG scale")
+    num_prompts: int = option(64, "held-out prompts scored per block")
+    seed: int = option(0, "prompt and noise seed (the same for every block)")
+    batch_size: int = option(64, "images per generation batch")
+    metrics: str = option("scene", "scene (FD, alignment) or fid,clip,is (real SD)")
+    reference: str | None = option(None, "image+caption data for fid/clip/is")
+    clip_model: str | None = option(None, "local transformers CLIPModel folder")
+    inception_weights: str | None = option(None, "local pt_inception-2015-12-05-6726825d.pth")
+    blocks: tuple[str, ...] | None = option(None, "block names (default: all removable)")
+    latent_size: int | None = option(None, "latent size for the MACs / latency columns")
 
 
 def _scorer(cfg: SensitivityConfig):
@@ -80,9 +81,9 @@ def _scorer(cfg: SensitivityConfig):
 
 
 def run_sensitivity(cfg: SensitivityConfig, accelerator=None) -> dict:
-    from slimsd.profile import block_latency, block_macs
     from slimsd.evaluator import diffusers_generate_fn, save_grid
     from slimsd.models import count_params, load_pipeline
+    from slimsd.profile import block_latency, block_macs
 
     out = Path(cfg.out)
     (out / "blocks").mkdir(parents=True, exist_ok=True)

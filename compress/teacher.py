@@ -19,7 +19,7 @@ import math
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,40 +27,37 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from slimsd.cliargs import option
 from slimsd.data.scenes import SceneDataset, to_tensor
 from slimsd.models import build_components, make_pipeline
 
 
-def _h(default, text):
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
 class TeacherConfig:
-    out: str = _h("slimsd/assets/tiny-sd", "pipeline folder to write (default: the packaged tiny-sd)")
-    seed: int = _h(0, "seed of the weights, the data and the noise")
+    out: str = option("slimsd/assets/tiny-sd", "pipeline folder to write (default: the packaged tiny-sd)")
+    seed: int = option(0, "seed of the weights, the data and the noise")
     # VAE: MSE + small KL, as SD's first stage minus the LPIPS/GAN terms that a
     # 64 px flat-shaded dataset does not need
-    vae_steps: int = _h(1200, "VAE optimisation steps")
-    vae_batch: int = _h(24, "VAE batch size")
-    vae_lr: float = _h(1e-3, "VAE AdamW learning rate")
-    vae_kl_weight: float = _h(1e-6, "weight of the VAE's KL term")
+    vae_steps: int = option(1200, "VAE optimisation steps")
+    vae_batch: int = option(24, "VAE batch size")
+    vae_lr: float = option(1e-3, "VAE AdamW learning rate")
+    vae_kl_weight: float = option(1e-6, "weight of the VAE's KL term")
     # then the decoder alone on the frozen encoder's latents, as Stability's ft-MSE decoder:
     # the latent space (and a U-Net trained on it) is unchanged, the shapes get sharper
-    vae_decoder_ft_steps: int = _h(1500, "decoder-only fine-tuning steps on the frozen encoder's latents (0: none)")
-    vae_decoder_ft_lr: float = _h(5e-4, "decoder fine-tuning peak learning rate (cosine to 10%)")
+    vae_decoder_ft_steps: int = option(1500, "decoder-only fine-tuning steps on the frozen encoder's latents (0: none)")
+    vae_decoder_ft_lr: float = option(5e-4, "decoder fine-tuning peak learning rate (cosine to 10%)")
     # U-Net: epsilon-prediction MSE (L_Diff), 10% empty captions so CFG works
-    unet_steps: int = _h(5000, "U-Net optimisation steps")
-    unet_batch: int = _h(64, "U-Net batch size")
-    unet_lr: float = _h(1e-3, "U-Net AdamW peak learning rate (small model, short schedule: above SD's 1e-4)")
-    unet_warmup: int = _h(200, "linear warm-up steps of the U-Net's cosine schedule")
-    ema_decay: float = _h(0.999, "EMA decay of the U-Net weights")
-    caption_dropout: float = _h(0.1, "share of empty captions (the unconditional branch CFG needs)")
-    num_latents: int = _h(40_000, "training images encoded once by the frozen VAE")
-    threads: int = _h(0, "torch threads (0: torch's default)")
-    evaluate: bool = _h(True, "score the result and write manifest.json (needs the evaluator)")
-    eval_prompts: int = _h(256, "held-out prompts of the manifest's evaluation")
-    vae_check_prompts: int = _h(512, "held-out renders the VAE reconstruction check scores (with --evaluate)")
+    unet_steps: int = option(5000, "U-Net optimisation steps")
+    unet_batch: int = option(64, "U-Net batch size")
+    unet_lr: float = option(1e-3, "U-Net AdamW peak learning rate (small model, short schedule: above SD's 1e-4)")
+    unet_warmup: int = option(200, "linear warm-up steps of the U-Net's cosine schedule")
+    ema_decay: float = option(0.999, "EMA decay of the U-Net weights")
+    caption_dropout: float = option(0.1, "share of empty captions (the unconditional branch CFG needs)")
+    num_latents: int = option(40_000, "training images encoded once by the frozen VAE")
+    threads: int = option(0, "torch threads (0: torch's default)")
+    evaluate: bool = option(True, "score the result and write manifest.json (needs the evaluator)")
+    eval_prompts: int = option(256, "held-out prompts of the manifest's evaluation")
+    vae_check_prompts: int = option(512, "held-out renders the VAE reconstruction check scores (with --evaluate)")
 
 
 def _cosine_lr(step: int, total: int, warmup: int) -> float:
@@ -148,15 +145,15 @@ def vae_reconstruction_check(vae, num_prompts: int = 512, seed: int = 0, resampl
     pipeline on this VAE (alignment, objects, FD with its CI and the real-vs-real floor)."""
     from PIL import Image
 
-    from slimsd.data.scenes import eval_prompts, parse_caption, render
-    from slimsd.evaluator import score_scene_images
+    from slimsd.data.scenes import eval_prompts, parse_caption
+    from slimsd.denoise import to_uint8
+    from slimsd.evaluator import real_renders, score_scene_images
 
     prompts = [p for p, _ in eval_prompts(num_prompts, seed=seed)]
-    rng = np.random.default_rng(seed + 777)
-    x = to_tensor([render(parse_caption(p), rng) for p in prompts])
+    x = real_renders([parse_caption(p) for p in prompts], seed + 777).float() / 127.5 - 1.0  # (N, 3, 64, 64)
     rec = torch.cat([vae.decode(vae.encode(x[i : i + 64]).latent_dist.mean).sample for i in range(0, len(x), 64)])
-    arr = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    r = score_scene_images([Image.fromarray(a) for a in arr], prompts, seed=seed, resamples=resamples)
+    r = score_scene_images([Image.fromarray(a) for a in to_uint8(rec.numpy())], prompts, seed=seed,
+                           resamples=resamples)
     keys = ("alignment", "alignment_ci", "objects", "objects_ci", "fd", "fd_ci", "fd_floor", "attribute_accuracy")
     return {"num_prompts": num_prompts, "seed": seed, **{k: r[k] for k in keys if k in r}}
 

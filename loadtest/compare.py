@@ -50,6 +50,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from slimsd.cliargs import option
+
 from . import LOCUSTFILE
 from .report import level_from_locust, read_locust_stats, write_report
 
@@ -63,38 +65,34 @@ BACKENDS = ("onnxruntime", "openvino", "torch", "tensorrt")
 STUDENT = "tiny-sd-slim"
 
 
-def _h(default, text):
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
 class CompareConfig:
-    out: Path = _h(Path("runs/loadtest"), "report folder")
-    baseline: str = _h("tiny-sd", "baseline model (the teacher)")
-    baseline_steps: int = _h(25, "baseline steps")
-    compressed: str | None = _h(None, "compressed model (default: tiny-sd-slim when it resolves, else the baseline "
+    out: Path = option(Path("runs/loadtest"), "report folder")
+    baseline: str = option("tiny-sd", "baseline model (the teacher)")
+    baseline_steps: int = option(25, "baseline steps")
+    compressed: str | None = option(None, "compressed model (default: tiny-sd-slim when it resolves, else the baseline "
                                       "pruned with --prune-preset only, made once into $SLIMSD_CACHE/loadtest)")
-    compressed_steps: int = _h(8, "compressed model's steps")
-    prune_preset: str = _h("bk-small", "preset of the pruned-only stand-in")
-    backend: str = field(default="onnxruntime", metadata={"help": "the same for both models", "choices": BACKENDS})
-    threads: int | None = _h(None, "server intra-op threads (default: all cores)")
-    device: Literal["auto", "cpu", "cuda"] = _h("auto", "server device")
-    levels: tuple[int, ...] = _h((1, 4, 16), f"concurrent users per level (at most {MAX_LEVELS} levels of "
+    compressed_steps: int = option(8, "compressed model's steps")
+    prune_preset: str = option("bk-small", "preset of the pruned-only stand-in")
+    backend: str = option("onnxruntime", "the same for both models", choices=BACKENDS)
+    threads: int | None = option(None, "server intra-op threads (default: all cores)")
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "server device")
+    levels: tuple[int, ...] = option((1, 4, 16), f"concurrent users per level (at most {MAX_LEVELS} levels of "
                                              f"1-{MAX_USERS} users)")
-    duration_s: int = field(default=20, metadata={"help": f"seconds per level (1-{MAX_DURATION_S})", "flag": "--duration"})
-    guidance: float = _h(7.5, "CFG scale of every request")
-    size: str | None = _h(None, "'WxH' (default: the model's native size)")
-    images_per_request: int = _h(1, "images per request (n)")
-    prompts: Path | None = _h(None, "prompt file, one per line (default: 64 held-out scene prompts)")
-    max_batch_size: int = _h(8, "server micro-batch limit (images)")
-    max_wait_ms: int = _h(0, "server batching window; 0 = continuous batching (the server's default)")
-    one_server: bool = _h(False, "one slimsd serve holding both models; each role's requests pick theirs with "
+    duration_s: int = option(20, f"seconds per level (1-{MAX_DURATION_S})", flag="--duration")
+    guidance: float = option(7.5, "CFG scale of every request")
+    size: str | None = option(None, "'WxH' (default: the model's native size)")
+    images_per_request: int = option(1, "images per request (n)")
+    prompts: Path | None = option(None, "prompt file, one per line (default: 64 held-out scene prompts)")
+    max_batch_size: int = option(8, "server micro-batch limit (images)")
+    max_wait_ms: int = option(0, "server batching window; 0 = continuous batching (the server's default)")
+    one_server: bool = option(False, "one slimsd serve holding both models; each role's requests pick theirs with "
                                  "`model` (the models still take turns under load)")
-    warmup: bool = _h(True, "warm each batch shape before measuring")
-    ready_timeout_s: float = field(default=600.0, metadata={
-        "help": "seconds to wait for /health/ready (includes the first start's ONNX export)", "flag": "--ready-timeout"})
-    stop_grace_s: float = _h(15.0, "seconds a server gets to stop after SIGTERM before SIGKILL")
-    short: bool = _h(False, "smoke test: levels 1,2 for 5 s each")
+    warmup: bool = option(True, "warm each batch shape before measuring")
+    ready_timeout_s: float = option(
+        600.0, "seconds to wait for /health/ready (includes the first start's ONNX export)", flag="--ready-timeout")
+    stop_grace_s: float = option(15.0, "seconds a server gets to stop after SIGTERM before SIGKILL")
+    short: bool = option(False, "smoke test: levels 1,2 for 5 s each")
     command: str = field(default="", repr=False)
 
     def __post_init__(self):

@@ -113,7 +113,7 @@ def _default_steps(model) -> int:
 
 
 def _cmd_evaluate(a) -> int:
-    from slimsd.evaluator import compare, evaluate, evaluate_coco
+    from slimsd.evaluator import compare, evaluate, evaluate_coco, is_main_process
 
     if a.metrics != "scene":
         if not a.reference:
@@ -124,7 +124,7 @@ def _cmd_evaluate(a) -> int:
                           seed=a.seed, out=a.out, clip_model=a.clip_model, inception_weights=a.inception_weights,
                           metrics=[m.strip() for m in a.metrics.split(",")], resolution=a.resolution,
                           batch_size=a.batch_size)
-        if _main_process():
+        if is_main_process():
             print(json.dumps(r) if a.json else json.dumps(r, indent=2))
         return 0
     if a.compare:
@@ -132,7 +132,7 @@ def _cmd_evaluate(a) -> int:
         r = compare(a.model, a.compare, steps=a.steps, guidance=a.guidance, steps_b=steps_b,
                     guidance_b=a.compare_guidance, num_prompts=a.num_prompts, seed=a.seed, split=a.split,
                     batch_size=a.batch_size, resamples=a.resamples, out=a.out)
-        if not _main_process():
+        if not is_main_process():
             return 0
         if a.json:
             print(json.dumps(r))
@@ -149,7 +149,7 @@ def _cmd_evaluate(a) -> int:
         return 0
     r = evaluate(a.model, steps=a.steps, guidance=a.guidance, num_prompts=a.num_prompts, seed=a.seed,
                  out=a.out, split=a.split, batch_size=a.batch_size, resamples=a.resamples)
-    if not _main_process():
+    if not is_main_process():
         return 0
     if a.json:
         print(json.dumps(r))
@@ -158,12 +158,6 @@ def _cmd_evaluate(a) -> int:
         if a.out:
             print(f"  wrote {a.out}/samples.png and metrics.json")
     return 0
-
-
-def _main_process() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
 
 
 def _add_info(sub):

@@ -13,7 +13,7 @@ Rules, the same for every command:
 * the flag is the field name with ``-`` for ``_`` (``max_steps`` -> ``--max-steps``), or
   ``metadata={"flag": "--duration"}`` (pydantic: ``json_schema_extra={"flag": ...}``) where
   the field's name carries a unit the flag never had (``duration_s``);
-* help is the dataclass field's ``metadata["help"]`` or the pydantic field's ``description``,
+* help is the dataclass field's ``metadata["help"]`` (:func:`option` writes it) or the pydantic field's ``description``,
   and the default is shown;
 * ``bool``: default False -> ``--name`` turns it on; default True -> ``--no-name`` turns it off;
 * ``Literal[...]`` (or ``metadata={"choices": ...}``) -> ``choices``; ``int`` / ``float``
@@ -32,6 +32,11 @@ import argparse
 import dataclasses
 import types
 import typing
+
+
+def option(default=dataclasses.MISSING, help: str = "", **metadata):
+    """A dataclass field with its ``--help`` text (and e.g. ``flag=`` / ``choices=``): ``option(20, "steps")``."""
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
 
 def _fields(cls) -> list[tuple[str, typing.Any, typing.Any, str, str | None]]:

@@ -74,7 +74,7 @@ def _uint8_batch(images) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(im.convert("RGB").resize((64, 64))) for im in images])).permute(0, 3, 1, 2)
 
 
-def _real_renders(scenes, seed: int) -> torch.Tensor:
+def real_renders(scenes, seed: int) -> torch.Tensor:
     """Fresh renders of the very same scenes (other layouts and backgrounds), uint8 (N, 3, 64, 64)."""
     from slimsd.data.scenes import render
 
@@ -115,8 +115,8 @@ def score_scene_images(images, prompts, seed: int = 0, evaluator: SceneClassifie
     evaluator = evaluator or load_evaluator()
     scenes = [parse_caption(p) for p in prompts]
     fake = _uint8_batch(images)
-    real = _real_renders(scenes, seed + 10_000)
-    real2 = _real_renders(scenes, seed + 20_000)
+    real = real_renders(scenes, seed + 10_000)
+    real2 = real_renders(scenes, seed + 20_000)
     pred = torch.cat([evaluator.predict(fake[i : i + 512]) for i in range(0, len(fake), 512)])
     target = torch.tensor([s.labels() for s in scenes])
     ok = pred == target
@@ -196,7 +196,7 @@ def evaluate(model, steps: int = 25, guidance: float = 7.5, num_prompts: int = 1
         result["per_image"]["seeds"] = seeds
     result.update(model=str(model), steps=steps, guidance=guidance, num_prompts=num_prompts, seed=seed,
                   split=split, generate_s=round(t_gen, 1), wall_time_s=round(time.time() - t0, 1))
-    if out is not None and _is_main_process():
+    if out is not None and is_main_process():
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         save_grid(images[:64], out / "samples.png", captions=prompts[:64])
@@ -223,21 +223,22 @@ def compare(model_a, model_b, steps: int = 8, guidance: float = 7.5, steps_b: in
     b = evaluate(model_b, steps=steps_b or steps, guidance=guidance if guidance_b is None else guidance_b,
                  generate_fn=generate_b, **kw)
     diff = paired_compare(a, b, resamples=resamples, seed=seed)
-    strip = lambda r: {k: v for k, v in r.items() if k != "per_image"}  # noqa: E731
-    result = {"a": strip(a), "b": strip(b), "a_minus_b": diff}
-    if out is not None and _is_main_process():
+    result = {"a": _json_safe(a), "b": _json_safe(b), "a_minus_b": diff}
+    if out is not None and is_main_process():
         Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "compare.json").write_text(json.dumps(_json_safe(result), indent=2))
+        (Path(out) / "compare.json").write_text(json.dumps(result, indent=2))
     return result
 
 
-def _is_main_process() -> bool:
+def is_main_process() -> bool:
+    """True outside ``accelerate launch``, and in its main process: the one that prints and writes."""
     from accelerate import PartialState
 
     return PartialState().is_main_process
 
 
 def _json_safe(result: dict) -> dict:
+    """``result`` without its per-image arrays (not JSON)."""
     return {k: v for k, v in result.items() if k != "per_image"}
 
 
@@ -268,7 +269,7 @@ def evaluate_coco(model, reference: str, steps: int = 25, guidance: float = 7.5,
                           metrics=tuple(metrics))
     result.update(model=str(model), steps=steps, guidance=guidance, num_prompts=len(prompts), seed=seed,
                   reference=str(reference), wall_time_s=round(time.time() - t0, 1))
-    if out is not None and _is_main_process():
+    if out is not None and is_main_process():
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         save_grid(images[:64], out / "samples.png", captions=prompts[:64])

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal, get_args
 
 import torch
+
+from slimsd.cliargs import option
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
 SnrWeighting = Literal["none", "truncated"]
@@ -22,66 +24,61 @@ MIXED_PRECISION = get_args(MixedPrecision)
 SNR_WEIGHTING = get_args(SnrWeighting)
 
 
-def _opt(default, help: str):
-    """A field with its ``--help`` text."""
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class TrainConfig:
-    stage: int = _opt(1, "1: CFG-aware retraining of a pruned student; 2: step distillation of the stage-1 student")
-    student: str = _opt("", "student pipeline folder: a pruned model (stage 1) or the stage-1 output (stage 2)")
-    teacher: str = _opt("tiny-sd", "frozen teacher: the unpruned model (stage 1) or the stage-1 output (stage 2)")
-    out: str = _opt("", "pipeline folder to write (complete diffusers folder + slimsd.json + manifest.json)")
-    work_dir: str | None = _opt(None, "checkpoints and tensorboard logs (default OUT.work)")
+    stage: int = option(1, "1: CFG-aware retraining of a pruned student; 2: step distillation of the stage-1 student")
+    student: str = option("", "student pipeline folder: a pruned model (stage 1) or the stage-1 output (stage 2)")
+    teacher: str = option("tiny-sd", "frozen teacher: the unpruned model (stage 1) or the stage-1 output (stage 2)")
+    out: str = option("", "pipeline folder to write (complete diffusers folder + slimsd.json + manifest.json)")
+    work_dir: str | None = option(None, "checkpoints and tensorboard logs (default OUT.work)")
     # data
-    data: str = _opt("scenes", "'scenes' or a dataset spec of slimsd.data.user (folder, csv/jsonl, shards, HF dataset)")
-    num_latents: int = _opt(20_000, "training images VAE-encoded once and cached; 0 = encode every batch (streamed data)")
-    data_seed: int = _opt(0, "which training images are encoded")
-    resolution: int | None = _opt(None, "image size for user data (default: the VAE's sample_size)")
-    caption_dropout: float = _opt(0.1, "share of empty captions (keeps the unconditional branch CFG needs)")
+    data: str = option("scenes", "'scenes' or a dataset spec of slimsd.data.user (folder, csv/jsonl, shards, HF dataset)")
+    num_latents: int = option(20_000, "training images VAE-encoded once and cached; 0 = encode every batch (streamed data)")
+    data_seed: int = option(0, "which training images are encoded")
+    resolution: int | None = option(None, "image size for user data (default: the VAE's sample_size)")
+    caption_dropout: float = option(0.1, "share of empty captions (keeps the unconditional branch CFG needs)")
     # optimisation (AdamW as the paper)
-    max_steps: int = _opt(1000, "optimisation steps")
-    batch_size: int = _opt(64, "per process and micro-step")
-    gradient_accumulation_steps: int = _opt(1, "micro-steps per optimisation step")
-    learning_rate: float = _opt(5e-5, "AdamW lr (paper: 5e-5 at batch 512 on SD v2.1; tiny-sd: see configs/tiny-sd-slim.json)")
-    scale_lr: bool = _opt(False, "multiply lr by accumulation x batch x processes")
-    lr_scheduler: str = _opt("constant", "constant | constant_with_warmup | linear | cosine | ... (diffusers get_scheduler)")
-    lr_warmup_steps: int = _opt(0, "warm-up steps of the lr schedule (constant with warm-up becomes constant_with_warmup)")
-    adam_beta1: float = _opt(0.9, "AdamW beta1")
-    adam_beta2: float = _opt(0.999, "AdamW beta2")
-    adam_weight_decay: float = _opt(1e-2, "AdamW weight decay")
-    adam_epsilon: float = _opt(1e-8, "AdamW epsilon")
-    max_grad_norm: float = _opt(1.0, "gradient clipping (0: off)")
-    gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass (less GPU memory)")
-    mixed_precision: MixedPrecision = _opt("no", "fp16 needs a GPU; the student's master weights stay fp32")
-    use_ema: bool = _opt(False, "keep an EMA of the student and save it")
-    ema_decay: float = _opt(0.999, "EMA decay (with --use-ema)")
-    seed: int = _opt(0, "seeds every micro-step's batch, noise, timesteps, guidance and coin")
-    threads: int = _opt(0, "torch CPU threads (0: torch's default)")
+    max_steps: int = option(1000, "optimisation steps")
+    batch_size: int = option(64, "per process and micro-step")
+    gradient_accumulation_steps: int = option(1, "micro-steps per optimisation step")
+    learning_rate: float = option(5e-5, "AdamW lr (paper: 5e-5 at batch 512 on SD v2.1; tiny-sd: see configs/tiny-sd-slim.json)")
+    scale_lr: bool = option(False, "multiply lr by accumulation x batch x processes")
+    lr_scheduler: str = option("constant", "constant | constant_with_warmup | linear | cosine | ... (diffusers get_scheduler)")
+    lr_warmup_steps: int = option(0, "warm-up steps of the lr schedule (constant with warm-up becomes constant_with_warmup)")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    adam_weight_decay: float = option(1e-2, "AdamW weight decay")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon")
+    max_grad_norm: float = option(1.0, "gradient clipping (0: off)")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less GPU memory)")
+    mixed_precision: MixedPrecision = option("no", "fp16 needs a GPU; the student's master weights stay fp32")
+    use_ema: bool = option(False, "keep an EMA of the student and save it")
+    ema_decay: float = option(0.999, "EMA decay (with --use-ema)")
+    seed: int = option(0, "seeds every micro-step's batch, noise, timesteps, guidance and coin")
+    threads: int = option(0, "torch CPU threads (0: torch's default)")
     # losses; None = the stage's default (STAGE_DEFAULTS)
-    lambda_diff: float | None = _opt(None, "weight of L_Diff (default 1 in both stages)")
-    lambda_out_kd: float | None = _opt(None, "weight of L_OutKD, eq. 2 (stage 1 default 1)")
-    lambda_cfg_kd: float | None = _opt(None, "weight of L_CfgKD, eq. 1 (stage 1 default 1; 0 = the ablation without it)")
-    cfg_prob: float | None = _opt(None, "stage 1: probability of adding L_CfgKD to a batch (default 0.5); "
+    lambda_diff: float | None = option(None, "weight of L_Diff (default 1 in both stages)")
+    lambda_out_kd: float | None = option(None, "weight of L_OutKD, eq. 2 (stage 1 default 1)")
+    lambda_cfg_kd: float | None = option(None, "weight of L_CfgKD, eq. 1 (stage 1 default 1; 0 = the ablation without it)")
+    cfg_prob: float | None = option(None, "stage 1: probability of adding L_CfgKD to a batch (default 0.5); "
                                         "stage 2: probability of a CFG target, else w = 1 (default 1)")
-    lambda_step_reduc: float | None = _opt(None, "weight of L_StepReduc, eq. 3 (stage 2 default 1, as the paper)")
-    lambda_feat_kd: float = _opt(0.0, "weight of BK-SDM's feature KD on stage outputs (stage 1; the baseline uses 1)")
-    guidance_min: float = _opt(2.0, "CFG losses draw w ~ U[guidance-min, guidance-max] per batch")
-    guidance_max: float = _opt(14.0, "see --guidance-min")
-    snr_weighting: SnrWeighting = _opt("none", "truncated: SnapFusion's max(SNR, 1) on the x-space losses")
-    student_steps: int = _opt(8, "stage 2: DDIM steps the student is distilled for (teacher takes twice as many)")
+    lambda_step_reduc: float | None = option(None, "weight of L_StepReduc, eq. 3 (stage 2 default 1, as the paper)")
+    lambda_feat_kd: float = option(0.0, "weight of BK-SDM's feature KD on stage outputs (stage 1; the baseline uses 1)")
+    guidance_min: float = option(2.0, "CFG losses draw w ~ U[guidance-min, guidance-max] per batch")
+    guidance_max: float = option(14.0, "see --guidance-min")
+    snr_weighting: SnrWeighting = option("none", "truncated: SnapFusion's max(SNR, 1) on the x-space losses")
+    student_steps: int = option(8, "stage 2: DDIM steps the student is distilled for (teacher takes twice as many)")
     # checkpoints, logging, evaluation
-    checkpointing_steps: int = _opt(250, "write OUT.work/checkpoint-STEP every N steps (0: never)")
-    checkpoints_total_limit: int = _opt(2, "keep the last K checkpoints (0: all)")
-    resume_from_checkpoint: str | None = _opt(None, "'latest' (starts fresh when there is none) or a checkpoint folder")
-    logging_steps: int = _opt(10, "one loss_log.json row (means since the last row) every N steps")
-    report_to: ReportTo = _opt("auto", "auto: tensorboard when it is installed, else none")
-    eval_steps: int = _opt(0, "evaluate FD / alignment every N steps (0: only at the end)")
-    eval_prompts: int = _opt(32, "held-out prompts of each periodic evaluation")
-    final_eval_prompts: int = _opt(64, "held-out prompts of the final evaluation (0: none)")
-    sample_steps: int | None = _opt(None, "default sampling steps written to slimsd.json (stage 1: 25, stage 2: --student-steps)")
-    sample_guidance: float = _opt(7.5, "default guidance written to slimsd.json and used for evaluation")
+    checkpointing_steps: int = option(250, "write OUT.work/checkpoint-STEP every N steps (0: never)")
+    checkpoints_total_limit: int = option(2, "keep the last K checkpoints (0: all)")
+    resume_from_checkpoint: str | None = option(None, "'latest' (starts fresh when there is none) or a checkpoint folder")
+    logging_steps: int = option(10, "one loss_log.json row (means since the last row) every N steps")
+    report_to: ReportTo = option("auto", "auto: tensorboard when it is installed, else none")
+    eval_steps: int = option(0, "evaluate FD / alignment every N steps (0: only at the end)")
+    eval_prompts: int = option(32, "held-out prompts of each periodic evaluation")
+    final_eval_prompts: int = option(64, "held-out prompts of the final evaluation (0: none)")
+    sample_steps: int | None = option(None, "default sampling steps written to slimsd.json (stage 1: 25, stage 2: --student-steps)")
+    sample_guidance: float = option(7.5, "default guidance written to slimsd.json and used for evaluation")
 
 
 # The paper gives lambda_StepReduc = 1 (§3.3: "we set the coefficient to 1", SnapFusion used 0.2)
