@@ -418,7 +418,7 @@ class Engine:
         m.batch_requests.observe(len(batch))
         state = Running(batch, key.steps, start)
 
-        def on_step(i: int, x) -> None:  # before each U-Net call: i steps are done
+        def on_step(i: int, x) -> None:  # after each denoising step: i steps done, x the latents
             state.step, state.latents = i, x
             if all(j.cancel_reason for j in batch):
                 raise Interrupted(f"{batch[0].cancel_reason} at step {i} of {key.steps}")

@@ -80,38 +80,18 @@ class Pipeline:
                  callback: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
         """uint8 [N, H, W, 3] for N prompts; None picks the model's defaults.
 
-        ``callback(i, x)`` runs before the U-Net call of step ``i`` (``i`` steps done; ``x`` its
-        input latents); an exception it raises stops the loop there (the engine's interrupt)."""
-        runners = self.runners if callback is None else StepObserved(self.runners, callback)
-        return generate_with_defaults(runners, self.tokenizer, self.scheduler(scheduler), self.spec, self.defaults,
-                                      prompts, negative_prompts, steps=steps, guidance=guidance, seeds=seeds,
-                                      height=height, width=width)
+        ``callback(i, x)`` runs after each denoising step (``i`` steps done, ``x`` the latents, as
+        :func:`slimsd.denoise.generate` calls it); an exception it raises stops the loop there (the
+        engine's interrupt)."""
+        return generate_with_defaults(self.runners, self.tokenizer, self.scheduler(scheduler), self.spec,
+                                      self.defaults, prompts, negative_prompts, steps=steps, guidance=guidance,
+                                      seeds=seeds, height=height, width=width, callback=callback)
 
     def warmup(self) -> float:
         """One small generation: first-call costs (allocations, kernel selection) off the first user."""
         t0 = time.perf_counter()
         self.generate(["warm-up"], None, [0], steps=2)
         return time.perf_counter() - t0
-
-
-class StepObserved:
-    """Runners that call ``callback(i, x)`` before the U-Net call of each denoising step: one U-Net
-    call per step in :func:`slimsd.denoise.generate` (CFG rows go in one call), on every backend."""
-
-    def __init__(self, inner, callback: Callable[[int, np.ndarray], None]):
-        self.inner, self.callback, self.step = inner, callback, 0
-
-    def text_encoder(self, ids):
-        return self.inner.text_encoder(ids)
-
-    def unet(self, x, t, emb):
-        self.callback(self.step, x)
-        out = self.inner.unet(x, t, emb)
-        self.step += 1
-        return out
-
-    def vae_decoder(self, latents):
-        return self.inner.vae_decoder(latents)
 
 
 def load_served_pipeline(settings) -> Pipeline:

@@ -148,7 +148,9 @@ def generate(
 
     ``seeds``: one per prompt; an int ``s`` means ``s, s+1, ...``; ``None`` draws random ones.
     ``scheduler`` is not modified (a fresh copy runs the loop, so concurrent calls are safe).
-    ``callback(i, t)`` is called after each step. :class:`GenerationError` when a runner returns
+    ``callback(steps_done, latents)`` is called after each step with the current latents
+    (float32 [N, C, h, w]); an exception it raises stops the loop there (a server's interrupt).
+    :class:`GenerationError` when a runner returns
     NaN / inf or the decoder a blank image: never a wrong picture.
     """
     import torch
@@ -189,7 +191,7 @@ def generate(
             eps = uncond + guidance * (text - uncond)
         latents = sched.step(eps, t, latents, **extra, return_dict=False)[0]
         if callback is not None:
-            callback(i, t)
+            callback(i + 1, latents.numpy())
 
     # 3. decode: the ONNX decoder is the raw vae.decode, scaling happens here
     images = _check_finite("vae_decoder", np.asarray(runners.vae_decoder((latents / vae_scaling_factor).numpy())))

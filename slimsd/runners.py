@@ -47,7 +47,7 @@ class ComponentRunners:
 def generate_with_defaults(runners, tokenizer, scheduler, spec: ComponentSpec, defaults: GenerationDefaults,
                            prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, *,
                            steps: int | None = None, guidance: float | None = None, seeds=None,
-                           height: int | None = None, width: int | None = None) -> np.ndarray:
+                           height: int | None = None, width: int | None = None, callback=None) -> np.ndarray:
     """:func:`slimsd.denoise.generate` with what the caller left out filled from the model.
 
     Height / width default to the model's image size and are checked against ``spec`` (the
@@ -64,7 +64,7 @@ def generate_with_defaults(runners, tokenizer, scheduler, spec: ComponentSpec, d
         steps=steps or defaults.steps, guidance=defaults.guidance if guidance is None else guidance,
         seeds=None if seeds is None else list(seeds), height=height, width=width,
         vae_scaling_factor=dims.vae_scaling_factor, vae_scale_factor=dims.vae_scale_factor,
-        latent_channels=dims.latent_channels,
+        latent_channels=dims.latent_channels, callback=callback,
     )
 
 
