@@ -111,6 +111,32 @@ def truncated_snr_weight(abar_t: Tensor) -> Tensor:
     return (abar / (1 - abar)).clamp(min=1.0)
 
 
+# x-space weightings of L_Diff. The eps-space MSE is SNR_t times the x-space one
+# (eps - eps_theta = (alpha_t / sigma_t)(x_theta - z_0)), so an x-space weight lambda(t) is
+# lambda(t) / SNR_t on L_Diff. Plain L_Diff is lambda = SNR_t: almost no weight where
+# SNR_t << 1, the noise levels at which the layout of the picture is decided.
+DIFF_WEIGHTINGS = ("eps", "truncated-snr", "min-snr-5")
+
+
+def diff_weight(abar_t: Tensor, kind: str = "eps") -> Tensor:
+    """Per-sample weight of :func:`loss_diff` for the x-space weighting ``kind``, SNR_t = abar_t / (1 - abar_t):
+
+    ``eps``            lambda = SNR_t              -> 1                  (plain L_Diff, SD's recipe)
+    ``truncated-snr``  lambda = max(SNR_t, 1)      -> max(1, 1 / SNR_t)  (Salimans & Ho 2022: v-prediction's
+                                                                           x-space weight, eps parameterisation kept)
+    ``min-snr-5``      lambda = min(SNR_t, 5)      -> min(1, 5 / SNR_t)  (Hang et al. 2023, gamma = 5)
+    """
+    snr = torch.as_tensor(abar_t, dtype=torch.float32)
+    snr = snr / (1 - snr)
+    if kind == "eps":
+        return torch.ones_like(snr)
+    if kind == "truncated-snr":
+        return (1 / snr).clamp(min=1.0)
+    if kind == "min-snr-5":
+        return (5 / snr).clamp(max=1.0)
+    raise ValueError(f"diff_weight: kind must be one of {DIFF_WEIGHTINGS}, got {kind!r}")
+
+
 def loss_feature_kd(features_teacher: list[Tensor], features_student: list[Tensor]) -> Tensor:
     """BK-SDM's feature-level KD (the baseline): sum over matched block outputs of the MSE."""
     if len(features_teacher) != len(features_student):

@@ -83,3 +83,15 @@ def test_truncated_snr_weight_and_guidance_sampling_and_feature_kd():
     assert loss_feature_kd(a, b).item() == pytest.approx(2.0)
     with pytest.raises(ValueError, match="matched"):
         loss_feature_kd(a, b[:1])
+
+
+def test_diff_weight_by_hand():
+    """abar = 0.2, 0.5, 0.9 -> SNR = 0.25, 1, 9."""
+    from compress.losses import diff_weight
+
+    abar = torch.tensor([0.2, 0.5, 0.9])
+    assert torch.allclose(diff_weight(abar, "eps"), torch.tensor([1.0, 1.0, 1.0]))
+    assert torch.allclose(diff_weight(abar, "truncated-snr"), torch.tensor([4.0, 1.0, 1.0]))
+    assert torch.allclose(diff_weight(abar, "min-snr-5"), torch.tensor([1.0, 1.0, 5 / 9]))
+    with pytest.raises(ValueError, match="kind must be one of"):
+        diff_weight(abar, "v")
