@@ -86,6 +86,9 @@ class CompareConfig:
     prompts: Path | None = option(None, "prompt file, one per line (default: 64 held-out scene prompts)")
     max_batch_size: int = option(8, "server micro-batch limit (images)")
     max_wait_ms: int = option(0, "server batching window; 0 = continuous batching (the server's default)")
+    triton_url: str = option("localhost:8001", "with --backend triton: the Triton server (gRPC) holding both models")
+    triton_model_prefix: str = option("{model}_", "with --backend triton: model-name prefix, '{model}' = the model as "
+                                      "named (a repository of `slimsd export triton --prefix tiny-sd_` etc.)")
     one_server: bool = option(False, "one slimsd serve holding both models; each role's requests pick theirs with "
                                  "`model` (the models still take turns under load)")
     warmup: bool = option(True, "warm each batch shape before measuring")
@@ -159,6 +162,8 @@ class Server:
                      "--request-timeout-s", "600", "--drain-timeout-s", "5", "--log-level", "warning"]
         if cfg.threads:
             self.args += ["--threads", str(cfg.threads)]
+        if cfg.backend == "triton":  # both models' runners call the one Triton server
+            self.args += ["--triton-url", cfg.triton_url, "--triton-model-prefix", cfg.triton_model_prefix]
 
     def __enter__(self) -> "Server":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

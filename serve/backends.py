@@ -105,7 +105,9 @@ def _load_triton(settings, source: Source) -> Loaded:
     from .runners_triton import TritonRunners
 
     specs = component_specs(source.onnx_dir(settings))
-    runners = TritonRunners(settings.triton_url, specs, settings.triton_protocol, timeout_s=settings.request_timeout_s)
+    prefix = settings.triton_model_prefix.replace("{model}", source.model)
+    runners = TritonRunners(settings.triton_url, specs, settings.triton_protocol, timeout_s=settings.request_timeout_s,
+                            models={n: prefix + n for n in specs})
     runners.check_ready()
     return Loaded(runners, specs["unet"], precision_of(settings.dtype))
 

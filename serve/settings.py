@@ -56,6 +56,8 @@ class ServeSettings(BaseModel):
     triton_url: list[str] = Field(default_factory=lambda: ["localhost:8001"],
                                   description="triton: one or more servers, round-robin per call")
     triton_protocol: Literal["grpc", "http"] = Field("grpc", description="tritonclient protocol (ports 8001 / 8000)")
+    triton_model_prefix: str = Field("", description="triton: prefix of the three model names, '{model}' = the model as "
+                                     "named (preset, folder or hub id): '{model}_' reads a repository of `slimsd export triton --prefix NAME_` exports")
 
     # -- HTTP -----------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 to accept other machines")

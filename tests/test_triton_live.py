@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from slimsd.models import TINY_SD_DIR
+from slimsd.models import TINY_SD_DIR, TINY_SD_SLIM_DIR
 
 PROMPT = "a red circle left of a blue square"
 STEPS = 4
@@ -68,12 +68,25 @@ def onnx_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def repo(onnx_dir, tmp_path_factory):
+def slim_onnx_dir(tmp_path_factory):
+    from slimsd.serve.models import ensure_onnx
+
+    return ensure_onnx("tiny-sd-slim", TINY_SD_SLIM_DIR, cache_dir=tmp_path_factory.getbasetemp() / "slimsd-cache" / "onnx")
+
+
+SLIM_PREFIX = "tiny-sd-slim_"
+
+
+@pytest.fixture(scope="module")
+def repo(onnx_dir, slim_onnx_dir, tmp_path_factory):
     from slimsd.export.triton import TritonConfig, export_triton
 
     out = tmp_path_factory.mktemp("triton") / "model_repository"
     # 50 ms queue delay: long enough on a loaded 2-core machine for concurrent requests to meet
     export_triton(onnx_dir, out, TritonConfig(backend="python", max_batch_size=8, max_queue_delay_us=50_000),
+                  log=lambda m: None)
+    # the student beside the teacher in the same repository (one server for both)
+    export_triton(slim_onnx_dir, out, TritonConfig(backend="python", max_batch_size=8, prefix=SLIM_PREFIX),
                   log=lambda m: None)
     return out
 
@@ -99,7 +112,7 @@ def ort(onnx_dir):
     return OrtRunners(onnx_dir, providers=["CPUExecutionProvider"], threads=1)
 
 
-def _pipeline_image(server, prompt: str, seed: int, steps: int) -> np.ndarray:
+def _pipeline_image(server, prompt: str, seed: int, steps: int, model: str = "pipeline") -> np.ndarray:
     import tritonclient.grpc as g
 
     c = g.InferenceServerClient(server.grpc_url)
@@ -110,7 +123,7 @@ def _pipeline_image(server, prompt: str, seed: int, steps: int) -> np.ndarray:
         t = g.InferInput(name, list(value.shape), dtype)
         t.set_data_from_numpy(value)
         inputs.append(t)
-    return c.infer("pipeline", inputs, client_timeout=120).as_numpy("image")
+    return c.infer(model, inputs, client_timeout=120).as_numpy("image")
 
 
 def test_the_launcher_binds_loopback_and_reports_ready(triton):
@@ -126,6 +139,34 @@ def test_pipeline_image_equals_the_onnxruntime_pipeline(triton, ort):
     expected = ort.generate([PROMPT], steps=STEPS, seeds=[3])
     assert image.dtype == np.uint8 and image.shape == expected.shape == (1, 64, 64, 3)
     assert np.abs(image.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_two_exports_share_one_repository_and_server_by_prefix(triton, repo, slim_onnx_dir):
+    """The teacher's models and the student's ``tiny-sd-slim_*`` models side by side: each
+    pipeline, and serve's runners with --triton-model-prefix, give that model's own image."""
+    from slimsd.defaults import generation_defaults
+    from slimsd.runners import generate_with_defaults
+    from slimsd.runners_ort import OrtRunners
+    from slimsd.serve.backends import BACKENDS, Source
+    from slimsd.serve.settings import ServeSettings
+    from slimsd.specs import ModelDims
+
+    assert {p.name for p in repo.iterdir()} >= {"unet", "pipeline", SLIM_PREFIX + "unet", SLIM_PREFIX + "pipeline"}
+    assert f'name: "{SLIM_PREFIX}unet"' in (repo / (SLIM_PREFIX + "unet") / "config.pbtxt").read_text()
+    slim_ort = OrtRunners(slim_onnx_dir, providers=["CPUExecutionProvider"], threads=1)
+    expected = slim_ort.generate([PROMPT], steps=STEPS, seeds=[4])
+    image = _pipeline_image(triton, PROMPT, seed=4, steps=STEPS, model=SLIM_PREFIX + "pipeline")
+    assert np.abs(image.astype(int) - expected.astype(int)).max() <= 1
+    teacher = _pipeline_image(triton, PROMPT, seed=4, steps=STEPS)
+    assert np.abs(teacher.astype(int) - expected.astype(int)).max() > 1  # a different model answered
+
+    settings = ServeSettings(model="tiny-sd-slim", backend="triton", onnx_dir=str(slim_onnx_dir),
+                             triton_url=[triton.grpc_url], triton_model_prefix="{model}_")
+    loaded = BACKENDS["triton"].load(settings, Source("tiny-sd-slim", TINY_SD_SLIM_DIR, ModelDims.from_folder(TINY_SD_SLIM_DIR)))
+    assert loaded.runners.models == {n: SLIM_PREFIX + n for n in ("text_encoder", "unet", "vae_decoder")}
+    got = generate_with_defaults(loaded.runners, slim_ort.load_tokenizer(), slim_ort.load_scheduler(), loaded.spec,
+                                 generation_defaults(slim_onnx_dir), [PROMPT], steps=STEPS, seeds=[4])
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
 
 
 def _batch_counts(server, model: str) -> dict[int, int]:
@@ -285,3 +326,11 @@ def test_missing_wheel_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(triton_server.TritonNotInstalled, match="nvidia-pytriton"):
         triton_server.find_tritonserver()
+
+
+def test_a_prefix_that_is_not_a_folder_name_is_refused(onnx_dir, tmp_path):
+    from slimsd.export.triton import TritonConfig, export_triton
+
+    with pytest.raises(ValueError, match="prefix"):
+        export_triton(onnx_dir, tmp_path / "repo", TritonConfig(backend="python", prefix="../x_"), log=lambda m: None)
+    assert not (tmp_path / "repo").exists()
