@@ -8,9 +8,11 @@ For each (model, backend), one image at the model's default steps and guidance (
 through the U-Net), 1 user:
 
 * ``pipeline`` = one ``Pipeline.generate`` call in this process;
-* ``http`` = one ``POST /v1/images/generations`` to a real ``uvicorn`` server on loopback (the app of
-  ``slimsd serve``, in a thread of this process) through an ``httpx`` keep-alive client: JSON,
-  validation, the engine's queue and worker thread, PNG + base64, the socket;
+* ``http`` = one ``POST /v1/images/generations`` to a real ``slimsd serve`` on loopback through an
+  ``httpx`` keep-alive client: JSON, validation, the engine's queue and worker thread, PNG +
+  base64, the socket. ``--server process`` (default) runs it as its own process, as it is
+  deployed (a client is never inside the server); ``--server thread`` runs the app under uvicorn
+  in a thread of this process, where the client's and the server's Python share one GIL;
 * ``server`` = the ``total`` of the response's ``Server-Timing`` header (arrival at the route to the
   images, without PNG and the socket), ``inference`` its backend time.
 
@@ -26,8 +28,11 @@ import argparse
 import json
 import os
 import platform
+import signal
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 
@@ -45,12 +50,64 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class ProcessServer:
+    """``slimsd serve MODEL`` as a subprocess on a free loopback port (its own process group)."""
+
+    def __init__(self, settings):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.model = settings.model
+        self.args = [sys.executable, "-m", "slimsd.cli", "serve", settings.model, "--backend", settings.backend,
+                     "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
+        if settings.threads:
+            self.args += ["--threads", str(settings.threads)]
+
+    def __enter__(self):
+        import httpx
+
+        self.proc = subprocess.Popen(self.args, start_new_session=True, stdout=subprocess.DEVNULL)
+        t0 = time.monotonic()
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"slimsd serve exited with {self.proc.returncode}: {' '.join(self.args)}")
+            try:
+                if httpx.get(self.url + "/health/ready", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() - t0 > 300:
+                raise TimeoutError("server not ready after 300 s")
+            time.sleep(0.05)
+
+    def mean_batch_images(self) -> float | None:
+        """From the server's own Prometheus histogram ``slimsd_batch_size``."""
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        vals = {}
+        for fam in text_string_to_metric_families(httpx.get(self.url + "/metrics", timeout=5).text):
+            for smp in fam.samples:
+                if smp.name in ("slimsd_batch_size_sum", "slimsd_batch_size_count"):
+                    vals[smp.name] = vals.get(smp.name, 0) + smp.value
+        n = vals.get("slimsd_batch_size_count", 0)
+        return round(vals.get("slimsd_batch_size_sum", 0) / n, 2) if n else None
+
+    def __exit__(self, *exc):
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
 class LoopbackServer:
     """``create_app`` under uvicorn on 127.0.0.1 in a daemon thread."""
 
-    def __init__(self, app):
+    def __init__(self, app, model: str = ""):
         import uvicorn
 
+        self.model = model
         self.port = _free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -71,16 +128,32 @@ class LoopbackServer:
                 raise TimeoutError("server not ready after 120 s")
             time.sleep(0.02)
 
+    def mean_batch_images(self) -> float | None:
+        app = self.server.config.app
+        m = app.state.metrics if hasattr(app, "state") else None
+        if m is None:
+            return None
+        labels = {"model": self.model}
+        n = m.registry.get_sample_value("slimsd_batch_size_count", labels) or 0
+        return round((m.registry.get_sample_value("slimsd_batch_size_sum", labels) or 0) / max(n, 1), 2)
+
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(30)
 
 
+def _server(mode: str, settings, pipe):
+    if mode == "process":
+        return ProcessServer(settings)
+    from slimsd.serve.app import create_app
+
+    return LoopbackServer(create_app(settings, load=lambda: pipe), pipe.name)
+
+
 def measure(model: str, backend: str, repeats: int, threads: int | None, users: int = 1,
-            seconds: float = 10.0) -> dict:
+            seconds: float = 10.0, mode: str = "process") -> dict:
     import httpx
 
-    from slimsd.serve.app import create_app
     from slimsd.serve.pipeline import load_served_pipeline
     from slimsd.serve.settings import ServeSettings
 
@@ -89,7 +162,7 @@ def measure(model: str, backend: str, repeats: int, threads: int | None, users: 
     steps, guidance = pipe.defaults.steps, pipe.defaults.guidance
     prompt = "a red circle left of a blue square"
     direct, http, server, inference = [], [], [], []
-    with LoopbackServer(create_app(settings, load=lambda: pipe)) as srv, httpx.Client(base_url=srv.url, timeout=600) as c:
+    with _server(mode, settings, pipe) as srv, httpx.Client(base_url=srv.url, timeout=600) as c:
         for i in range(-3, repeats):
             t0 = time.perf_counter()
             pipe.generate([prompt], None, [max(i, 0)])
@@ -108,19 +181,17 @@ def measure(model: str, backend: str, repeats: int, threads: int | None, users: 
            "pipeline": _stats(direct), "http": _stats(http), "server": _stats(server), "inference": _stats(inference)}
     out["http_over_pipeline_p50"] = round(out["http"]["median_ms"] / out["pipeline"]["median_ms"], 3)
     if users > 1:
-        out["throughput"] = throughput(pipe, settings, users, seconds, prompt)
+        out["throughput"] = throughput(pipe, settings, users, seconds, prompt, mode)
     return out
 
 
-def throughput(pipe, settings, users: int, seconds: float, prompt: str) -> dict:
+def throughput(pipe, settings, users: int, seconds: float, prompt: str, mode: str = "process") -> dict:
     """Images/s of ``users`` closed-loop clients through the server vs the pipeline called with batches of
     ``users`` images back to back (what perfect batching would reach); each for ``seconds``, twice,
     alternating (pipeline, http, pipeline, http) so that outside load hits both alike."""
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
-
-    from slimsd.serve.app import create_app
 
     def pipeline_run() -> float:
         n, t0 = 0, time.perf_counter()
@@ -147,19 +218,15 @@ def throughput(pipe, settings, users: int, seconds: float, prompt: str) -> dict:
         return n / (time.perf_counter() - t0)
 
     runs = {"pipeline": [], "http": []}
-    with LoopbackServer(create_app(settings, load=lambda: pipe)) as srv:
+    with _server(mode, settings, pipe) as srv:
         http_run(srv.url)  # warm the batch shapes
         for _ in range(2):
             runs["pipeline"].append(pipeline_run())
             runs["http"].append(http_run(srv.url))
-        m = srv.server.config.app.state.metrics if hasattr(srv.server.config.app, "state") else None
+        mean_batch = srv.mean_batch_images()
     out = {"users": users, "seconds_each": seconds, "pipeline_images_per_s": round(statistics.mean(runs["pipeline"]), 3),
-           "http_images_per_s": round(statistics.mean(runs["http"]), 3), "runs": runs}
+           "http_images_per_s": round(statistics.mean(runs["http"]), 3), "runs": runs, "mean_batch_images": mean_batch}
     out["http_over_pipeline"] = round(out["http_images_per_s"] / out["pipeline_images_per_s"], 3)
-    if m is not None:
-        n = m.registry.get_sample_value("slimsd_batch_size_count", {"model": pipe.name}) or 0
-        out["mean_batch_images"] = round((m.registry.get_sample_value("slimsd_batch_size_sum", {"model": pipe.name}) or 0)
-                                         / max(n, 1), 2)
     return out
 
 
@@ -174,6 +241,8 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=4, help="throughput: closed-loop clients vs pipeline batches of "
                     "this many images (1: skip)")
     ap.add_argument("--seconds", type=float, default=10.0, help="throughput: seconds per run (2 runs each)")
+    ap.add_argument("--server", choices=("process", "thread"), default="process",
+                    help="slimsd serve as its own process (as deployed) or uvicorn in a thread of this one")
     ap.add_argument("--json", default=None, help="also write the results here")
     a = ap.parse_args()
     if a.models:
@@ -187,7 +256,7 @@ def main() -> None:
     rows = []
     for model in models:
         for backend in a.backends.split(","):
-            r = measure(model, backend, a.repeats, a.threads, a.users, a.seconds)
+            r = measure(model, backend, a.repeats, a.threads, a.users, a.seconds, a.server)
             rows.append(r)
             print(f"{model:<14} {backend:<12} {r['steps']:>3} steps  pipeline {r['pipeline']['median_ms']:>8.1f} ms "
                   f"(p90 {r['pipeline']['p90_ms']:.1f})  http {r['http']['median_ms']:>8.1f} ms "
@@ -205,7 +274,8 @@ def main() -> None:
     env = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
            "load_average_before": load_before, "load_average_after": [round(x, 2) for x in os.getloadavg()],
            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "repeats": a.repeats,
-           "threads": a.threads, "wall_s": round(time.monotonic() - t0, 1), "http": "uvicorn on loopback, httpx keep-alive"}
+           "threads": a.threads, "wall_s": round(time.monotonic() - t0, 1), "http": ("slimsd serve subprocess" if a.server == "process" else "uvicorn in a thread of the client's process")
+           + " on loopback, httpx keep-alive", "server": a.server}
     print(f"load average before {env['load_average_before']}, after {env['load_average_after']} on {env['cores']} cores")
     if a.json:
         from slimsd.io import atomic_write_text
