@@ -379,6 +379,10 @@ def check_bars(metrics: dict, vae: dict | None) -> dict:
         "8 steps worse than 25 (>= 0.05 alignment or >= 10% FD)":
             (m25["alignment"] - m8["alignment"], m25["alignment"] - m8["alignment"] >= 0.05 or m8["fd"] >= 1.10 * m25["fd"]),
     }
+    m4, m2 = metrics.get("steps4_cfg7.5"), metrics.get("steps2_cfg7.5")
+    if m4 and m2:  # and fewer steps much worse still: what step distillation has to win back
+        rows["4 steps worse than 8 (alignment drop)"] = (m8["alignment"] - m4["alignment"], m4["alignment_ci"][1] < m8["alignment"])
+        rows["2 steps worse than 4 (alignment drop)"] = (m4["alignment"] - m2["alignment"], m2["alignment_ci"][1] < m4["alignment"])
     if vae:
         rows["vae_reconstruction alignment >= %.2f" % BARS["vae_alignment"]] = (vae["alignment"], vae["alignment"] >= BARS["vae_alignment"])
         rows["vae_reconstruction fd <= %g" % BARS["vae_fd"]] = (vae["fd"], vae["fd"] <= BARS["vae_fd"])
