@@ -48,12 +48,14 @@ class TeacherConfig:
     vae_decoder_ft_steps: int = option(1500, "decoder-only fine-tuning steps on the frozen encoder's latents (0: none)")
     vae_decoder_ft_lr: float = option(5e-4, "decoder fine-tuning peak learning rate (cosine to 10%)")
     # U-Net: epsilon-prediction MSE (L_Diff), 10% empty captions so CFG works
-    unet_loss_weighting: str = option("eps", "x-space weighting of L_Diff (compress.losses.diff_weight)",
+    # truncated SNR: the layout (which object goes left / on top) is decided at SNR << 1, where
+    # plain eps-MSE puts almost no weight; with "eps" the order stayed at chance (docs/tiny-sd.md)
+    unet_loss_weighting: str = option("truncated-snr", "x-space weighting of L_Diff (compress.losses.diff_weight)",
                                       choices=("eps", "truncated-snr", "min-snr-5"))
     # the text encoder learns with the U-Net (as Imagen/SD's CLIP learned its words once): a
     # frozen random encoder binds colour and shape to the wrong object. 0 keeps it frozen.
     text_encoder_lr: float = option(5e-4, "text encoder AdamW peak learning rate, trained jointly (0: frozen)")
-    unet_steps: int = option(5000, "U-Net optimisation steps")
+    unet_steps: int = option(6000, "U-Net (+ text encoder) optimisation steps")
     checkpoint_every: int = option(500, "U-Net stage checkpoint interval in steps (a killed run resumes there; 0: none)")
     unet_batch: int = option(64, "U-Net batch size")
     unet_lr: float = option(1e-3, "U-Net AdamW peak learning rate (small model, short schedule: above SD's 1e-4)")
