@@ -61,7 +61,7 @@ MAX_DURATION_S = 600
 HOST = "127.0.0.1"
 SHORT_LEVELS = (1, 2)
 SHORT_DURATION_S = 5
-BACKENDS = ("onnxruntime", "openvino", "torch", "tensorrt")
+BACKENDS = ("onnxruntime", "openvino", "torch", "tensorrt", "triton")  # triton: a running Triton (--triton-url)
 STUDENT = "tiny-sd-slim"
 
 
