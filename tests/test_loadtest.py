@@ -118,7 +118,7 @@ def test_bounds():
     with pytest.raises(ValueError, match="duration"):
         CompareConfig(duration_s=100_000)
     with pytest.raises(ValueError, match="backend"):
-        CompareConfig(backend="triton")
+        CompareConfig(backend="tflite")  # not a serve backend (triton is one now)
 
 
 def test_locustfile_checks_responses():
