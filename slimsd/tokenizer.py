@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 
-
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP byte -> printable unicode map (the byte-level BPE alphabet)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
@@ -37,34 +36,55 @@ WORDS = (
 MODEL_MAX_LENGTH = 77  # as SD / CLIP
 
 
+def learn_bpe(words) -> list[tuple[str, str]]:
+    """Byte-pair merges that spell each word as one token (Sennrich et al. 2016, each word once).
+
+    The pair to merge next is the most frequent one, ties broken by the pair's string order,
+    so the same words always give the same merges and ids. (The ``tokenizers`` BPE trainer
+    breaks ties in hash-map order: two builds in one process gave different vocabularies, and
+    a text encoder trained on one would read another's ids as other words.) Merging in this
+    order is what CLIP's greedy BPE replays on a word, so each training word comes back whole.
+    """
+    from collections import Counter
+
+    enc = bytes_to_unicode()
+    segs = []
+    for w in sorted(set(words)):
+        chars = [enc[b] for b in w.encode("utf-8")]
+        segs.append(chars[:-1] + [chars[-1] + "</w>"])
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts = Counter(p for s in segs for p in zip(s, s[1:]))
+        if not counts:
+            return merges
+        best = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(best)
+        for i, s in enumerate(segs):
+            out, j = [], 0
+            while j < len(s):
+                if j + 1 < len(s) and (s[j], s[j + 1]) == best:
+                    out.append(s[j] + s[j + 1])
+                    j += 2
+                else:
+                    out.append(s[j])
+                    j += 1
+            segs[i] = out
+
+
 def build_clip_tokenizer(out_dir: str | Path, words=WORDS):
-    """Write vocab.json / merges.txt / configs to ``out_dir`` and return the tokenizer."""
+    """Write vocab.json / merges.txt / configs to ``out_dir`` and return the tokenizer.
+
+    Deterministic: the same ``words`` give byte-identical files (:func:`learn_bpe`)."""
     from transformers import CLIPTokenizer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # Learn the merges with a real BPE trainer on the word list: the learned merge
-    # order reproduces each word as one token under greedy BPE (hand-made chains
-    # conflict, e.g. "r i" of "right" would split "triangle").
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
     byte_chars = list(bytes_to_unicode().values())
-    alphabet = byte_chars + [c + "</w>" for c in byte_chars]
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=len(alphabet) + sum(len(w) for w in words),  # room for every chain
-        min_frequency=1,
-        initial_alphabet=byte_chars,
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    bpe.train_from_iterator([" ".join(words)], trainer=trainer)
-    learned = json.loads(bpe.to_str())["model"]
+    merges = learn_bpe(words)
+    # ids: the 512 byte tokens (alone and word-final), then each merge's product in merge order
     vocab: dict[str, int] = {}
-    for tok in alphabet + sorted(learned["vocab"], key=learned["vocab"].get):
+    for tok in byte_chars + [c + "</w>" for c in byte_chars] + [a + b for a, b in merges]:
         vocab.setdefault(tok, len(vocab))
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
