@@ -46,6 +46,25 @@ def test_train_teacher_writes_a_diffusers_pipeline_and_resumes_after_vae(tmp_pat
     monkeypatch.setattr(T, "train_vae", lambda *a, **k: (_ for _ in ()).throw(AssertionError("VAE retrained")))
     train_teacher(cfg)
 
+    # --decoder-only: more decoder steps on the finished pipeline; encoder and U-Net untouched
+    from dataclasses import replace
+
+    unet_bytes = (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    enc_before = {k: v for k, v in pipe.vae.state_dict().items() if not k.startswith(("decoder.", "post_quant_conv."))}
+    monkeypatch.setattr(T, "train_unet", lambda *a, **k: (_ for _ in ()).throw(AssertionError("U-Net retrained")))
+    train_teacher(replace(cfg, decoder_only=True, vae_decoder_ft_steps=3))
+    cont = json.loads((out / "training.json").read_text())["vae_decoder_continued"]
+    assert len(cont) == 1 and cont[0]["steps"] == 3 and cont[0]["after"]["num_prompts"] == 8
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == unet_bytes
+    from diffusers import AutoencoderKL
+
+    vae2 = AutoencoderKL.from_pretrained(out / "vae").state_dict()
+    assert all(torch.equal(vae2[k], v) for k, v in enc_before.items())
+    assert any(not torch.equal(vae2[k], v) for k, v in pipe.vae.state_dict().items() if k.startswith("decoder."))
+    verify_manifest(out)  # re-written over the new decoder
+    with pytest.raises(FileNotFoundError, match="not a pipeline"):
+        train_teacher(replace(cfg, out=str(tmp_path / "nothing"), decoder_only=True))
+
 
 def test_decoder_finetune_trains_the_decoder_only_and_lowers_its_loss():
     """The latent space must not move: the encoder (and quant_conv) stay bit-identical."""
