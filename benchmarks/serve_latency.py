@@ -50,6 +50,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_ready(url: str, timeout_s: float, check=lambda: None, poll_s: float = 0.02) -> None:
+    """Poll ``/health/ready`` until 200; ``check()`` raises when the server can no longer come up."""
+    import httpx
+
+    t0 = time.monotonic()
+    while True:
+        check()
+        try:
+            if httpx.get(url + "/health/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"server at {url} not ready after {timeout_s:.0f} s")
+        time.sleep(poll_s)
+
+
 class ProcessServer:
     """``slimsd serve MODEL`` as a subprocess on a free loopback port (its own process group)."""
 
@@ -63,21 +80,14 @@ class ProcessServer:
             self.args += ["--threads", str(settings.threads)]
 
     def __enter__(self):
-        import httpx
-
         self.proc = subprocess.Popen(self.args, start_new_session=True, stdout=subprocess.DEVNULL)
-        t0 = time.monotonic()
-        while True:
+
+        def exited():
             if self.proc.poll() is not None:
                 raise RuntimeError(f"slimsd serve exited with {self.proc.returncode}: {' '.join(self.args)}")
-            try:
-                if httpx.get(self.url + "/health/ready", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() - t0 > 300:
-                raise TimeoutError("server not ready after 300 s")
-            time.sleep(0.05)
+
+        _wait_ready(self.url, 300, check=exited)
+        return self
 
     def mean_batch_images(self) -> float | None:
         """From the server's own Prometheus histogram ``slimsd_batch_size``."""
@@ -113,20 +123,10 @@ class LoopbackServer:
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):
-        import httpx
-
         self.thread.start()
         self.url = f"http://127.0.0.1:{self.port}"
-        t0 = time.monotonic()
-        while True:
-            try:
-                if httpx.get(self.url + "/health/ready", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() - t0 > 120:
-                raise TimeoutError("server not ready after 120 s")
-            time.sleep(0.02)
+        _wait_ready(self.url, 120)
+        return self
 
     def mean_batch_images(self) -> float | None:
         app = self.server.config.app
