@@ -179,6 +179,21 @@ def run_stages(stages: list[Stage], state: dict, save_state, upstream: str, forc
         records.append({"stage": st.name, "status": status, "out": str(st.out), "seconds": round(time.time() - t0, 1)})
 
 
+def model_fingerprint(model: str) -> dict:
+    """What every stage reads from the teacher: its name and the sha256 of each file of its
+    components (the entries of ``model_index.json``), so new weights under the same name (a
+    retrained preset, a fine-tuned decoder) rerun the whole chain; its eval/ samples do not count."""
+    from slimsd.manifest import folder_hashes
+    from slimsd.models import resolve_model
+
+    folder = resolve_model(model)
+    index = json.loads((folder / "model_index.json").read_text())
+    components = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)}
+    files = {rel: digest for rel, digest in folder_hashes(folder).items()
+             if rel == "model_index.json" or rel.split("/")[0] in components}
+    return {"model": model, "files": files}
+
+
 def build(cfg: dict, force: bool = False, config_path: str | None = None) -> dict:
     """Run the chain; returns ``{"out", "stages": [{"stage", "status", "out", "seconds"}], ...}``."""
     _validate(cfg)
@@ -192,7 +207,7 @@ def build(cfg: dict, force: bool = False, config_path: str | None = None) -> dic
     records: list[dict] = []
     commands = [st.command for st in stages if st.command]
     stages.append(_final_stage(cfg, model, out, work, stages[-1].out, records, commands, config_path))
-    run_stages(stages, state, save_state, _sha({"model": model}), force, records)
+    run_stages(stages, state, save_state, _sha(model_fingerprint(model)), force, records)
     return {"out": str(out), "stages": records, "work_dir": str(work)}
 
 

@@ -256,3 +256,29 @@ def test_constant_lr_with_warmup_really_warms_up():
     assert lrs("cosine", 2)[:3] == pytest.approx([0, 5e-4, 1e-3])
     with pytest.raises(ValueError, match="^lr_scheduler: 'nope' is not a valid"):
         lrs("nope", 0)
+
+
+def test_build_reruns_when_the_teacher_weights_change_under_the_same_name(tmp_path):
+    """The cache key is the teacher's content, not its name: a new decoder rebuilds the chain."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from slimsd.compress.build import build
+    from slimsd.models import TINY_SD_DIR
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(TINY_SD_DIR, teacher, ignore=shutil.ignore_patterns("eval", "manifest.json"))
+    cfg = {"model": str(teacher), "out": str(tmp_path / "slim"),
+           "prune": {"blocks": ["up.3.attn.2"]},
+           "stage1": {"max_steps": 1, "num_latents": 32, "batch_size": 2, "report_to": "none", "final_eval_prompts": 0}}
+    build(cfg)
+    assert [s["status"] for s in build(cfg)["stages"]] == ["skipped"] * 3
+    (teacher / "eval_notes.txt").write_text("not a component: no rebuild")
+    assert [s["status"] for s in build(cfg)["stages"]] == ["skipped"] * 3
+    f = teacher / "vae" / "diffusion_pytorch_model.safetensors"
+    w = load_file(f)
+    k = next(k for k in w if k.startswith("decoder."))
+    w[k] = w[k] + 0.01
+    save_file(w, f)
+    assert [s["status"] for s in build(cfg)["stages"]] == ["ran"] * 3
