@@ -344,7 +344,8 @@ def _final_metrics(folder: Path, ev: dict, defaults: dict) -> dict:
         tag = f"steps{steps}_cfg{guidance:g}"
         r = evaluate(str(folder), steps=int(steps), guidance=float(guidance), num_prompts=int(ev["num_prompts"]),
                      seed=int(ev.get("seed", 0)), out=folder / "eval" / tag)
-        metrics[tag] = {k: r[k] for k in ("fd", "alignment", "attribute_accuracy", "wall_time_s")}
+        metrics[tag] = {k: r[k] for k in ("fd", "fd_ci", "fd_floor", "alignment", "alignment_ci", "objects", "objects_ci",
+                                          "order", "attribute_accuracy", "wall_time_s") if k in r}
     return metrics
 
 
