@@ -59,16 +59,18 @@ def test_is_the_pruned_student_and_serves_at_8_steps():
 
 
 def test_evaluate_reproduces_the_manifest_row():
-    """`slimsd evaluate tiny-sd-slim --steps 8 --num-prompts 256 --json` (the manifest's row: seed 0)."""
+    """`slimsd evaluate tiny-sd-slim --steps 8 --num-prompts N --json` (the manifest's row: its N, seed 0)."""
     from slimsd.cli import main
 
-    m = json.loads((TINY_SD_SLIM_DIR / "manifest.json").read_text())["metrics"]["steps8_cfg7.5"]
+    manifest = json.loads((TINY_SD_SLIM_DIR / "manifest.json").read_text())
+    m = manifest["metrics"]["steps8_cfg7.5"]
+    n = manifest["build"]["config"]["evaluate"]["num_prompts"]
     import contextlib
     import io
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        assert main(["evaluate", "tiny-sd-slim", "--steps", "8", "--num-prompts", "256", "--json"]) == 0
+        assert main(["evaluate", "tiny-sd-slim", "--steps", "8", "--num-prompts", str(n), "--json"]) == 0
     r = json.loads(buf.getvalue())
     # the same machine gives the same numbers; other CPUs may round a few pixels differently
     assert r["fd"] == pytest.approx(m["fd"], rel=0.03)
