@@ -303,6 +303,13 @@ def plot_losses(log: list, path: Path) -> None:
     plt.close(fig)
 
 
+def _command_line() -> str:
+    """The command this process runs, as a user would type it (for the training record)."""
+    if sys.argv[1:2] == ["train-teacher"]:
+        return "slimsd train-teacher " + " ".join(sys.argv[2:])
+    return " ".join(sys.argv)
+
+
 def finetune_decoder_only(cfg: TeacherConfig) -> Path:
     """``--decoder-only``: ``cfg.vae_decoder_ft_steps`` more decoder steps on the pipeline at
     ``cfg.out`` (fresh renders: each continuation draws its own images), the VAE check before and
@@ -325,15 +332,15 @@ def finetune_decoder_only(cfg: TeacherConfig) -> Path:
     log: list = []
     t0 = time.time()
     finetune_vae_decoder(vae, cfg, log, data_seed=cfg.seed + 100 + len(done))
-    assert all(torch.equal(encoder[k], v) for k, v in vae.encoder.state_dict().items()), "the encoder moved"
+    if not all(torch.equal(encoder[k], v) for k, v in vae.encoder.state_dict().items()):
+        raise RuntimeError("--decoder-only: the encoder changed; the latent space the U-Net learned would move")
     seconds = time.time() - t0
     after = vae_reconstruction_check(vae, cfg.vae_check_prompts, seed=cfg.seed) if cfg.evaluate else None
     with atomic_dir(out / "vae") as tmp:
         vae.save_pretrained(tmp, safe_serialization=True)
     done.append({"steps": cfg.vae_decoder_ft_steps, "lr": cfg.vae_decoder_ft_lr, "wall_time_s": round(seconds, 1),
                  "threads": torch.get_num_threads(), "before": before, "after": after,
-                 "command": "slimsd train-teacher " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["train-teacher"]
-                 else " ".join(sys.argv)})
+                 "command": _command_line()})
     if after is not None:
         training["vae_reconstruction"] = after
     (out / "training.json").write_text(json.dumps(training, indent=2))
@@ -386,7 +393,7 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     manifest = {
         "model": "tiny-sd",
         "config": asdict(cfg),
-        "command": "slimsd train-teacher " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["train-teacher"] else " ".join(sys.argv),
+        "command": _command_line(),
         "wall_time_s": {k: round(v, 1) for k, v in times.items()},
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
         "torch": torch.__version__,
