@@ -17,6 +17,10 @@ Config (JSON or YAML; every section but ``model`` / ``out`` optional)::
       "evaluate": {"num_prompts": 256}                         # final scoring at the model's defaults
     }
 
+Progressive distillation is a build without ``prune`` and ``stage1``: MODEL (an already distilled
+student, e.g. ``tiny-sd-slim`` at 8 steps) is both the student and the teacher of stage 2, which
+halves its steps again (``configs/tiny-sd-slim-4.json``: 8 -> 4).
+
 Each stage writes its folder under ``work_dir`` and records a fingerprint of its settings and of
 everything upstream in ``work_dir/build_state.json``. A rerun skips every stage whose output is
 complete and whose fingerprint is unchanged, and resumes a killed training stage from its last
@@ -70,11 +74,22 @@ def _validate(cfg: dict) -> None:
     for k in ("model", "out"):
         if not cfg.get(k):
             raise ValueError(f"build config needs {k!r}")
-    if not cfg.get("stage1"):
-        raise ValueError("build config needs a 'stage1' section (training options, may be {})")
-    prune = cfg.get("prune") or {}
+    for k in ("prune", "stage1", "stage2"):
+        if k in cfg and cfg[k] is not None and not isinstance(cfg[k], dict):
+            raise ValueError(f"build config section {k!r} must be a mapping or null, got {type(cfg[k]).__name__}")
+    if cfg.get("stage1") is None and cfg.get("stage2") is None:
+        raise ValueError("build config needs a 'stage1' and/or a 'stage2' section (training options, may be {})")
+    prune = cfg.get("prune")
+    if prune is None:
+        if cfg.get("stage1") is not None:
+            raise ValueError("build config: 'stage1' retrains a pruned student and needs a 'prune' section: "
+                             "{'preset': ...}, {'blocks': [...]} or a budget (without 'prune' and 'stage1', "
+                             "stage 2 distils MODEL itself: progressive distillation)")
+        if cfg.get("sensitivity"):
+            raise ValueError("build config: 'sensitivity' feeds 'prune', which is missing")
+        return
     if not prune:
-        raise ValueError("build config needs a 'prune' section: {'preset': ...}, {'blocks': [...]} or a budget")
+        raise ValueError("build config: 'prune' is empty: {'preset': ...}, {'blocks': [...]} or a budget")
     if not any(k in prune for k in ("preset", "blocks")) and not cfg.get("sensitivity"):
         raise ValueError("prune by budget needs a 'sensitivity' section (settings, or {'report': PATH})")
 
@@ -202,8 +217,14 @@ def build(cfg: dict, force: bool = False, config_path: str | None = None) -> dic
     work.mkdir(parents=True, exist_ok=True)
     state, save_state = _state_rw(work)
     stages, report_path = _sensitivity_stages(cfg, model, work)
-    stages.append(_prune_stage(cfg, model, work, report_path))
-    stages += _training_stages(cfg, model, work)
+    if cfg.get("prune") is not None:
+        stages.append(_prune_stage(cfg, model, work, report_path))
+        first = work / "pruned"
+    else:  # progressive distillation: MODEL is stage 2's student and teacher
+        from slimsd.models import resolve_model
+
+        first = resolve_model(model)
+    stages += _training_stages(cfg, model, work, first)
     records: list[dict] = []
     commands = [st.command for st in stages if st.command]
     stages.append(_final_stage(cfg, model, out, work, stages[-1].out, records, commands, config_path))
@@ -265,16 +286,17 @@ def _prune_stage(cfg: dict, model: str, work: Path, report_path: Path | None) ->
                  command=f"slimsd compress prune {model} --out {pruned_dir} {flags}", main_only=True)
 
 
-def _training_stages(cfg: dict, model: str, work: Path) -> list[Stage]:
-    """Stage 1: the pruned student, the unpruned teacher; stage 2: the stage-1 student is both.
-    A changed stage starts afresh; an unchanged, unfinished one resumes from its last checkpoint."""
+def _training_stages(cfg: dict, model: str, work: Path, first: Path) -> list[Stage]:
+    """Stage 1: the pruned student FIRST, the unpruned teacher; stage 2: the stage-1 student is
+    both (no stage 1: FIRST, MODEL itself, is both). A changed stage starts afresh; an unchanged,
+    unfinished one resumes from its last checkpoint."""
     from slimsd.compress.train import config_from_dict, read_slimsd_json, train
 
-    stages, prev = [], work / "pruned"
+    stages, prev = [], first
     for stage in (1, 2):
         section = cfg.get(f"stage{stage}")
-        if not section and stage == 2:
-            break
+        if section is None:
+            continue
         folder = work / f"stage{stage}"
         opts = dict(section)
         for k in ("stage", "student", "teacher", "out"):
@@ -311,7 +333,8 @@ def _write_final(cfg: dict, model: str, out: Path, work: Path, last: Path, ev: d
     in ``manifest.json``; written to a temporary folder and renamed (slimsd.io.atomic_dir)."""
     from slimsd.manifest import write_manifest
 
-    final_plan = json.loads((work / "pruned" / "prune_plan.json").read_text())
+    plan_file = work / "pruned" / "prune_plan.json" if cfg.get("prune") is not None else last / "prune_plan.json"
+    final_plan = json.loads(plan_file.read_text()) if plan_file.is_file() else None  # None: MODEL was never pruned
     with atomic_dir(out) as tmp:
         shutil.copytree(last, tmp, dirs_exist_ok=True)
         shutil.rmtree(tmp / "eval", ignore_errors=True)  # stage evaluations stay in work_dir
@@ -354,7 +377,7 @@ def _stage_records(cfg: dict, work: Path) -> dict:
     records = {}
     for stage in (1, 2):
         f = work / f"stage{stage}" / "training.json"
-        if f.is_file() and (stage == 1 or cfg.get("stage2")):
+        if f.is_file() and cfg.get(f"stage{stage}") is not None:
             t = json.loads(f.read_text())
             records[f"stage{stage}"] = {k: t[k] for k in ("config", "wall_time_s", "s_per_step", "final_loss", "command") if k in t}
             records[f"stage{stage}"]["metrics"] = json.loads((work / f"stage{stage}" / "manifest.json").read_text()).get("metrics", {})

@@ -282,3 +282,30 @@ def test_build_reruns_when_the_teacher_weights_change_under_the_same_name(tmp_pa
     w[k] = w[k] + 0.01
     save_file(w, f)
     assert [s["status"] for s in build(cfg)["stages"]] == ["ran"] * 3
+
+
+def test_build_without_prune_and_stage1_distils_the_model_itself(student, tmp_path):
+    """Progressive distillation (configs/tiny-sd-slim-4.json): no prune, no stage 1; MODEL (a
+    pruned, distilled student) is stage 2's student and teacher, the result keeps MODEL's plan."""
+    from slimsd.compress.build import build
+    from slimsd.models import load_pipeline
+
+    cfg = {"model": str(student), "out": str(tmp_path / "four"),
+           "stage2": {"max_steps": 1, "student_steps": 4, **FAST}}
+    r = build(cfg)
+    assert [s["stage"] for s in r["stages"]] == ["stage2", "final"]
+    m = json.loads((tmp_path / "four" / "manifest.json").read_text())
+    assert m["defaults"]["steps"] == 4 and m["source_model"] == str(student)
+    assert m["prune_plan"] == json.loads((student / "prune_plan.json").read_text())
+    cmd = next(c for c in m["build"]["commands"] if c.startswith("slimsd compress train"))
+    assert f"--student {student} --teacher {student}" in cmd
+    t = json.loads((tmp_path / "four" / "training.json").read_text())
+    assert t["config"]["student"] == t["config"]["teacher"] == str(student)
+    a = load_pipeline(str(tmp_path / "four")).unet.state_dict()
+    b = load_pipeline(str(student)).unet.state_dict()
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)  # trained, same architecture
+    assert [s["status"] for s in build(cfg)["stages"]] == ["skipped"] * 2
+    with pytest.raises(ValueError, match="needs a 'prune' section"):
+        build({**cfg, "stage1": {}})
+    with pytest.raises(ValueError, match="'stage1' and/or a 'stage2'"):
+        build({"model": str(student), "out": str(tmp_path / "x")})
