@@ -444,7 +444,7 @@ def main(argv=None) -> int:
         lines.append(row(f"C4, seed {s} ({quarter} steps; CI over prompts)", better(dd), "with vs without @25", dd))
     lines += [row(f"C4 at the full budget ({s1['max_steps']} steps, seed 0: the table's rows)",
                   better(p[("s1_25", "abl_s1_25")]), "ours stage 1 vs ablation @25", p[("s1_25", "abl_s1_25")]),
-              row(f"C5 ours reaches BK-SDM-style's quality in ≤ ¼ of its iterations (matches)",
+              row("C5 ours reaches BK-SDM-style's quality in ≤ ¼ of its iterations (matches)",
                   matches(p[("c4_cfgkd_0", "bk25")]), f"ours stage 1 at {quarter} vs BK at {s1['max_steps']}, @25",
                   p[("c4_cfgkd_0", "bk25")]),
               "", "Beyond the paper:", "", "| claim | holds? | A vs B | alignment A − B [95% CI] | FD A / B [95% CI] |",

@@ -1,6 +1,6 @@
 """The whole compression chain from one config file:
 
-    sensitivity (paper §3.1) -> prune -> stage 1 (§3.2) -> stage 2 (§3.3) -> OUT
+    sensitivity (paper §3.1) -> prune -> stage 1 (§3.2) -> stage 2 (§3.3) [-> decoder] -> OUT
 
     slimsd compress build configs/tiny-sd-slim.json
 
@@ -14,6 +14,7 @@ Config (JSON or YAML; every section but ``model`` / ``out`` optional)::
       "prune": {"policy": "sensitivity", "keep_params": 0.54},  # or {"preset": "bk-small"} / {"blocks": [...]}
       "stage1": {"max_steps": 600, "learning_rate": 5e-4},     # TrainConfig fields
       "stage2": {"max_steps": 600, "student_steps": 8},        # or null: stop after stage 1
+      "decoder": {"max_steps": 3000},                          # DecoderConfig fields: a tiny VAE (docs/decoder.md)
       "evaluate": {"num_prompts": 256}                         # final scoring at the model's defaults
     }
 
@@ -43,7 +44,7 @@ from typing import Callable
 
 from slimsd.io import atomic_dir, atomic_write_text
 
-SECTIONS = ("model", "out", "work_dir", "sensitivity", "prune", "stage1", "stage2", "evaluate", "seed")
+SECTIONS = ("model", "out", "work_dir", "sensitivity", "prune", "stage1", "stage2", "decoder", "evaluate", "seed")
 
 
 def load_build_config(path: str | Path) -> dict:
@@ -74,7 +75,7 @@ def _validate(cfg: dict) -> None:
     for k in ("model", "out"):
         if not cfg.get(k):
             raise ValueError(f"build config needs {k!r}")
-    for k in ("prune", "stage1", "stage2"):
+    for k in ("prune", "stage1", "stage2", "decoder"):
         if k in cfg and cfg[k] is not None and not isinstance(cfg[k], dict):
             raise ValueError(f"build config section {k!r} must be a mapping or null, got {type(cfg[k]).__name__}")
     if cfg.get("stage1") is None and cfg.get("stage2") is None:
@@ -225,6 +226,8 @@ def build(cfg: dict, force: bool = False, config_path: str | None = None) -> dic
 
         first = resolve_model(model)
     stages += _training_stages(cfg, model, work, first)
+    if cfg.get("decoder") is not None:  # after the last training stage: the U-Net's latents are final
+        stages.append(_decoder_stage(cfg, work, stages[-1].out))
     records: list[dict] = []
     commands = [st.command for st in stages if st.command]
     stages.append(_final_stage(cfg, model, out, work, stages[-1].out, records, commands, config_path))
@@ -318,6 +321,28 @@ def _training_stages(cfg: dict, model: str, work: Path, first: Path) -> list[Sta
     return stages
 
 
+def _decoder_stage(cfg: dict, work: Path, last: Path) -> Stage:
+    """The tiny VAE of the last training stage's folder (``slimsd compress decoder``): its folder
+    is that one with ``vae/`` replaced; unchanged settings and input skip it, an unfinished run
+    resumes from its last checkpoint."""
+    from slimsd.compress.decoder import config_from_dict, distil_decoder
+    from slimsd.compress.train import read_slimsd_json
+
+    opts = dict(cfg["decoder"])
+    for k in ("model", "out", "work_dir"):
+        if k in opts:
+            raise ValueError(f"decoder.{k} is set by the build (the source is the last training stage)")
+    if cfg.get("seed") is not None:
+        opts.setdefault("seed", cfg["seed"])
+    folder = work / "decoder"
+    dc = config_from_dict({"model": str(last), "out": str(folder), "resume_from_checkpoint": "latest", **opts})
+    settings = {k: v for k, v in asdict(dc).items() if k not in ("resume_from_checkpoint", "threads", "report_to")}
+    return Stage("decoder", folder, lambda up: _sha([up, settings]),
+                 lambda: "decoder" in (read_slimsd_json(folder) or {}), lambda: distil_decoder(dc),
+                 command=f"slimsd compress decoder {last} --out {folder} " + _argv(opts) + " --resume-from-checkpoint latest",
+                 stale=(folder, folder.with_name(folder.name + ".work")))
+
+
 def _final_stage(cfg: dict, model: str, out: Path, work: Path, last: Path, records: list, commands: list,
                  config_path: str | None) -> Stage:
     ev = dict(cfg.get("evaluate") or {})
@@ -373,7 +398,8 @@ def _final_metrics(folder: Path, ev: dict, defaults: dict) -> dict:
 
 
 def _stage_records(cfg: dict, work: Path) -> dict:
-    """Each training stage's config, timings, final loss, command and metrics."""
+    """Each training stage's config, timings, final loss, command and metrics; the decoder stage's
+    config, timings, final loss, command and final check."""
     records = {}
     for stage in (1, 2):
         f = work / f"stage{stage}" / "training.json"
@@ -381,4 +407,9 @@ def _stage_records(cfg: dict, work: Path) -> dict:
             t = json.loads(f.read_text())
             records[f"stage{stage}"] = {k: t[k] for k in ("config", "wall_time_s", "s_per_step", "final_loss", "command") if k in t}
             records[f"stage{stage}"]["metrics"] = json.loads((work / f"stage{stage}" / "manifest.json").read_text()).get("metrics", {})
+    f = work / "decoder" / "decoder.json"
+    if f.is_file() and cfg.get("decoder") is not None:
+        t = json.loads(f.read_text())
+        records["decoder"] = {k: t[k] for k in ("config", "wall_time_s", "s_per_step", "final_loss", "command", "check",
+                                                "vae_params") if k in t}
     return records

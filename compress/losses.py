@@ -15,13 +15,22 @@ symbol                 meaning
 ``CFG(eps)``           eps_uncond + w (eps_cond - eps_uncond)
 ``x(theta, z_t, t, c)``  clean-latent prediction of model theta under CFG (eq. 1)
 ``T, S``               teacher, student
+``x``                  a training image in [-1, 1], (B, 3, H, W)
+``mu_T(x), s``         the source VAE's (AutoencoderKL) posterior mean and its ``scaling_factor``
+``z``                  a posterior sample of the source VAE (unscaled); ``s z`` is what the U-Net sees
+``D_T, D_S``           source decoder, tiny decoder (AutoencoderTiny, fed scaled latents ``s z``)
+``E_S``                tiny encoder: image -> scaled latent
+``|.|_p``              p = 1 (L1) or p = 2 (squared error), per pixel, ``norm`` below
 =====================  =====================================================================
 
 Stage 1 (eq. 2):  L = l_Diff L_Diff + l_OutKD L_OutKD + l_CfgKD L_CfgKD
 Stage 2 (eq. 3):  L = l_Diff L_Diff + l_StepReduc L_StepReduc
+Tiny VAE (``slimsd compress decoder``, not in the paper; TAESD-style distillation):
+                  L = l_DecKD L_DecKD + l_Img L_Img + l_EncKD L_EncKD
 
 Every loss returns the mean over the batch of a per-sample mean squared error, optionally
-weighted per sample (e.g. :func:`truncated_snr_weight`).
+weighted per sample (e.g. :func:`truncated_snr_weight`); the decoder losses may take the mean
+absolute error instead (``norm="l1"``).
 """
 
 from __future__ import annotations
@@ -36,6 +45,21 @@ def _per_sample_mse(a: Tensor, b: Tensor, weight: Tensor | None = None) -> Tenso
     if weight is not None:
         err = err * weight.flatten().float()
     return err.mean()
+
+
+def _per_sample_l1(a: Tensor, b: Tensor) -> Tensor:
+    return F.l1_loss(a.float(), b.float(), reduction="none").flatten(1).mean(1).mean()
+
+
+PIXEL_NORMS = ("l1", "mse")
+
+
+def _pixel_err(a: Tensor, b: Tensor, norm: str) -> Tensor:
+    if norm == "l1":
+        return _per_sample_l1(a, b)
+    if norm == "mse":
+        return _per_sample_mse(a, b)
+    raise ValueError(f"pixel loss norm must be one of {PIXEL_NORMS}, got {norm!r}")
 
 
 def _bcast(v: Tensor, like: Tensor) -> Tensor:
@@ -148,3 +172,24 @@ def sample_guidance(low: float = 2.0, high: float = 14.0, generator: torch.Gener
     """w ~ U[low, high], ONE draw per batch: every sample of a batch is guided with the same w in
     L_CfgKD (eq. 1) and L_StepReduc (eq. 3). SnapFusion's range [2, 14]; one number from ``generator``."""
     return low + (high - low) * float(torch.rand((), generator=generator))
+
+
+# ---------------------------------------------------------------------------------------
+# the tiny VAE (slimsd compress decoder): the folder's AutoencoderKL replaced by an AutoencoderTiny
+# ---------------------------------------------------------------------------------------
+def loss_decoder_kd(image_student: Tensor, image_teacher: Tensor, norm: str = "l1") -> Tensor:
+    """L_DecKD = E | D_S(s z) - D_T(z) |_p: the tiny decoder, fed the *scaled* latent s z (its
+    scaling_factor is 1), reproduces the source decoder's image of the unscaled z. (B, 3, H, W) each."""
+    return _pixel_err(image_student, image_teacher.detach(), norm)
+
+
+def loss_decoder_image(image_student: Tensor, image: Tensor, norm: str = "l1") -> Tensor:
+    """L_Img = E | D_S(s z) - x |_p, z ~ q_T(z | x): reconstruction of the real training image
+    (optional: the source decoder is the target that matters, since the U-Net's latents are decoded by it)."""
+    return _pixel_err(image_student, image.detach(), norm)
+
+
+def loss_encoder_kd(latent_student: Tensor, mean_teacher: Tensor, scaling: float) -> Tensor:
+    """L_EncKD = E || E_S(x) - s mu_T(x) ||^2: the tiny encoder yields the source's scaled
+    posterior mean, the latents the U-Net was trained on. (B, C, h, w) each."""
+    return _per_sample_mse(latent_student, float(scaling) * mean_teacher.detach())

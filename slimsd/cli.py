@@ -222,9 +222,10 @@ def _add_compress(sub):
     r.set_defaults(func=_cmd_prune)
 
     _add_compress_train(csub)
+    _add_compress_decoder(csub)
 
     b = _sub(csub, "build", help="the whole chain from one config: sensitivity -> prune -> stage 1 -> stage 2 "
-             "(finished stages are skipped on rerun)")
+             "[-> decoder] (finished stages are skipped on rerun)")
     b.add_argument("config", help="build config, .json or .yaml (configs/tiny-sd-slim.json; docs/training.md)")
     b.add_argument("--out", default=None, help="final pipeline folder (overrides the config's 'out')")
     b.add_argument("--force", action="store_true", help="redo every stage, even finished ones")
@@ -244,6 +245,18 @@ def _add_compress_train(csub):
     t.add_argument("--stage", type=int, required=True, choices=(1, 2), help=stage_help)
     add_fields(t, TrainConfig, skip=("stage",), required=("student", "out"))
     t.set_defaults(func=_cmd_compress_train)
+
+
+def _add_compress_decoder(csub):
+    """Flags mirror :class:`slimsd.compress.decoder.DecoderConfig` field by field (help = field metadata)."""
+    from slimsd.cliargs import add_fields
+    from slimsd.compress.decoder import DecoderConfig
+
+    d = _sub(csub, "decoder", help="distil a tiny VAE (diffusers AutoencoderTiny) from MODEL's and write MODEL's "
+             "folder with it (docs/decoder.md)")
+    d.add_argument("model", help="preset, diffusers folder or hub id")
+    add_fields(d, DecoderConfig, skip=("model",), required=("out",))
+    d.set_defaults(func=_cmd_compress_decoder)
 
 
 def _prune_presets():
@@ -314,6 +327,21 @@ def _cmd_compress_train(a) -> int:
         print(json.dumps({"out": str(out), **info}))
     else:
         print(f"wrote {out} (defaults: {info.get('defaults')})")
+    return 0
+
+
+def _cmd_compress_decoder(a) -> int:
+    from slimsd.cliargs import from_args
+    from slimsd.compress.decoder import DecoderConfig, distil_decoder
+
+    out = distil_decoder(DecoderConfig(model=a.model, **from_args(DecoderConfig, a, skip=("model",))))
+    info = json.loads((out / "slimsd.json").read_text())
+    if a.json:
+        print(json.dumps({"out": str(out), **info}))
+    else:
+        check = info["decoder"].get("check") or {}
+        print(f"wrote {out} (vae: AutoencoderTiny, {info['params']['vae']:,d} params; decoder PSNR vs the source "
+              f"{check.get('decoder_psnr_vs_source_db', 'not checked')} dB)")
     return 0
 
 
@@ -479,7 +507,7 @@ def _cmd_loadtest_prompts(a) -> int:
 
 # commands whose flags are read off the training stack's config classes (slimsd.compress)
 _HELP = {"train-teacher": "train the tiny-sd teacher (VAE, then U-Net) on the offline scene dataset",
-         "compress": "build toolchain: sensitivity analysis, pruning, training, the whole chain"}
+         "compress": "build toolchain: sensitivity analysis, pruning, training, tiny VAE, the whole chain"}
 
 
 def _add_triton(sub):

@@ -128,7 +128,7 @@ class ModelDims:
     def from_configs(cls, unet: Mapping, vae: Mapping, text_encoder: Mapping, tokenizer: Mapping | None = None):
         ss = unet.get("sample_size", 64)
         lh, lw = (ss, ss) if isinstance(ss, int) else (int(ss[0]), int(ss[1]))
-        vae_factor = 2 ** (len(vae.get("block_out_channels", (128, 256, 512, 512))) - 1)
+        vae_factor = vae_pixel_factor(vae)
         n_down = len(unet.get("block_out_channels", (320, 640, 1280, 1280))) - 1
         max_len = int(text_encoder.get("max_position_embeddings", 77))
         if tokenizer and isinstance(tokenizer.get("model_max_length"), int) and tokenizer["model_max_length"] < 10**6:
@@ -173,6 +173,17 @@ class ModelDims:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def vae_pixel_factor(vae: Mapping) -> int:
+    """Pixels per latent cell of a VAE config: ``AutoencoderKL`` halves the size once per block
+    after the first (``block_out_channels``); ``AutoencoderTiny`` (TAESD, ``slimsd compress
+    decoder``) upsamples by ``upsampling_scaling_factor`` once per decoder block but the last.
+    (diffusers also writes ``block_out_channels`` into a tiny config, a copy of the decoder's
+    channels: right only for factor 2, so the tiny keys are read first.)"""
+    if "decoder_block_out_channels" in vae:
+        return int(vae.get("upsampling_scaling_factor", 2)) ** (len(vae["decoder_block_out_channels"]) - 1)
+    return 2 ** (len(vae.get("block_out_channels", (128, 256, 512, 512))) - 1)
 
 
 def _hw(hw: HW | None, default: tuple[int, int]) -> tuple[int, int]:
@@ -322,7 +333,8 @@ def load_module(folder: str | Path, component: str, dtype=None, *, empty: bool =
     with the class ``model_index.json`` names, imported from the library it names.
 
     So pruned U-Nets (``slimsd.unet_blocks.PrunedUNet2DConditionModel``) load like stock ones.
-    ``vae_decoder`` is the whole ``AutoencoderKL`` (:meth:`ComponentSpec.wrap` calls its decoder).
+    ``vae_decoder`` is the whole VAE, ``AutoencoderKL`` or ``AutoencoderTiny`` (:meth:`ComponentSpec.wrap`
+    calls its ``decode``).
 
     * ``dtype``: loaded in that torch dtype (the library keeps what must stay fp32); None = as stored;
     * ``empty``: built from the config on the meta device, no weights read (counting parameters);
@@ -387,6 +399,7 @@ def _unet_forward(m, sample, timestep, encoder_hidden_states):
 
 
 def _vae_decoder_forward(m, latent_sample):
+    # AutoencoderKL and AutoencoderTiny alike: decode(z, return_dict=False)[0] is the image in ~[-1, 1]
     return m.decode(latent_sample, return_dict=False)[0]
 
 

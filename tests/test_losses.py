@@ -95,3 +95,23 @@ def test_diff_weight_by_hand():
     assert torch.allclose(diff_weight(abar, "min-snr-5"), torch.tensor([1.0, 1.0, 5 / 9]))
     with pytest.raises(ValueError, match="kind must be one of"):
         diff_weight(abar, "v")
+
+
+def test_tiny_vae_losses_by_hand():
+    """slimsd compress decoder: L_DecKD, L_Img (L1 or MSE per pixel) and L_EncKD (MSE to s mu)."""
+    from compress.losses import loss_decoder_image, loss_decoder_kd, loss_encoder_kd
+
+    a = torch.tensor([[1.0, -1.0], [0.5, 0.0]]).reshape(2, 2, 1, 1)
+    b = torch.tensor([[0.0, 1.0], [0.5, 1.0]]).reshape(2, 2, 1, 1)
+    # L1 per sample: (1 + 2) / 2 = 1.5 and (0 + 1) / 2 = 0.5 -> 1.0; MSE: (1 + 4) / 2 and (0 + 1) / 2 -> 1.5
+    assert loss_decoder_kd(a, b, "l1").item() == pytest.approx(1.0)
+    assert loss_decoder_kd(a, b, "mse").item() == pytest.approx(1.5)
+    assert loss_decoder_image(a, b, "l1").item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        loss_decoder_kd(a, b, "l2")
+    # L_EncKD = E ||E_S(x) - s mu||^2: s = 0.5, mu = 2 -> target 1; student 3 -> 4
+    assert loss_encoder_kd(torch.full((1, 4, 1, 1), 3.0), torch.full((1, 4, 1, 1), 2.0), 0.5).item() == pytest.approx(4.0)
+    # only the student gets gradients
+    s, t = a.clone().requires_grad_(), b.clone().requires_grad_()
+    (loss_decoder_kd(s, t) + loss_encoder_kd(s, t, 0.7)).backward()
+    assert t.grad is None and s.grad.abs().sum() > 0

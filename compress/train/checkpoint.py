@@ -19,19 +19,24 @@ from slimsd.compress.train.objectives import LOG_KEYS
 
 
 class TrainState:
-    """Checkpointed with the model/optimizer (accelerator.register_for_checkpointing)."""
+    """Checkpointed with the model/optimizer (accelerator.register_for_checkpointing).
 
-    def __init__(self, config: dict):
+    ``log_keys`` / ``resume_keys``: the loss terms logged and the settings a resume must not
+    change; by default the training stages' (``slimsd compress decoder`` passes its own)."""
+
+    def __init__(self, config: dict, log_keys: tuple[str, ...] = LOG_KEYS, resume_keys: tuple[str, ...] = RESUME_KEYS):
         self.step, self.log, self.evals, self.train_s, self.config = 0, [], [], 0.0, config
+        self.log_keys, self.resume_keys = tuple(log_keys), tuple(resume_keys)
         self.compute_s = 0.0  # seconds spent in optimisation steps (no evaluation / checkpoint time), all runs
-        self.window = torch.zeros(2, len(LOG_KEYS), dtype=torch.float64)  # (sum, count) per key since the last log row
+        self.window = torch.zeros(2, len(self.log_keys), dtype=torch.float64)  # (sum, count) per key since the last log row
 
     def state_dict(self) -> dict:
         return {"step": self.step, "log": self.log, "evals": self.evals, "train_s": self.train_s, "config": self.config,
                 "window": self.window.clone(), "compute_s": self.compute_s}
 
     def load_state_dict(self, d: dict) -> None:
-        changed = {k: (d["config"].get(k), self.config.get(k)) for k in RESUME_KEYS if d["config"].get(k) != self.config.get(k)}
+        changed = {k: (d["config"].get(k), self.config.get(k)) for k in self.resume_keys
+                   if d["config"].get(k) != self.config.get(k)}
         if changed:
             raise ValueError(f"cannot resume: the checkpoint was made with other settings {changed} "
                              "(use a new --out / --work-dir, or the checkpoint's settings)")

@@ -34,6 +34,21 @@ def _weights_key(*modules) -> str:
     return h.hexdigest()[:16]
 
 
+def posterior(vae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the VAE's latent for images x (B, 3, H, W) in [-1, 1], unscaled, (B, C, h, w) each.
+
+    ``AutoencoderKL``: its Gaussian posterior. ``AutoencoderTiny`` (a ``slimsd compress decoder``
+    folder) is deterministic: std 0, and its latents already carry the source's scaling
+    (its ``scaling_factor`` is 1), so ``mean x scaling_factor`` is the same latent space either way."""
+    from diffusers import AutoencoderTiny
+
+    if isinstance(vae, AutoencoderTiny):
+        mean = vae.encode(x).latents
+        return mean, torch.zeros_like(mean)
+    dist = vae.encode(x).latent_dist
+    return dist.mean, dist.std
+
+
 @torch.no_grad()
 def encode_captions(text_encoder, tokenizer, captions: list[str], device, batch: int = 256) -> torch.Tensor:
     """(N,) captions -> (N, 77, D) last hidden states of the frozen text encoder."""
@@ -94,9 +109,9 @@ def build_latent_cache(vae, text_encoder, tokenizer, data: str, num: int, seed: 
     for i in tqdm(range(0, n, batch), desc="encode latents", dynamic_ncols=True):
         pairs = [get(j) for j in range(i, min(i + batch, n))]
         x = to_tensor([p[0] for p in pairs]).to(device, dtype=vae.dtype)
-        dist = vae.encode(x).latent_dist
-        means.append(dist.mean.float().cpu())
-        stds.append(dist.std.float().cpu())
+        mean, std = posterior(vae, x)
+        means.append(mean.float().cpu())
+        stds.append(std.float().cpu())
         caps += [p[1] for p in pairs]
     unique = sorted(set(caps))
     index = {c: i for i, c in enumerate(unique)}
@@ -161,9 +176,9 @@ class StreamedBatches:
 
         pairs = [next(self.it) for _ in range(batch)]
         x = to_tensor([p[0] for p in pairs]).to(self.device, dtype=self.vae.dtype)
-        dist = self.vae.encode(x).latent_dist
-        noise = torch.randn(dist.mean.shape, generator=g).to(self.device, dist.mean.dtype)
-        z0 = (dist.mean + dist.std * noise).float() * self.vae.config.scaling_factor
+        mean, std = posterior(self.vae, x)
+        noise = torch.randn(mean.shape, generator=g).to(self.device, mean.dtype)
+        z0 = (mean + std * noise).float() * self.vae.config.scaling_factor
         caps = [("" if float(torch.rand((), generator=g)) < self.p_drop else p[1]) for p in pairs]
         return z0, encode_captions(self.te, self.tok, caps, self.device).to(self.device), self.uncond.to(self.device)
 

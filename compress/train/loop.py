@@ -31,11 +31,16 @@ def train(cfg: TrainConfig, callback=None) -> Path:
 
     ``callback(step, accelerator)`` is called after every optimisation step (tests use it to
     interrupt a run)."""
+    return with_threads(cfg.threads, _train, cfg, callback)
+
+
+def with_threads(n: int, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with torch on ``n`` CPU threads (0: unchanged), restored afterwards."""
     threads = torch.get_num_threads()
     try:
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        return _train(cfg, callback)
+        if n:
+            torch.set_num_threads(n)
+        return fn(*args, **kwargs)
     finally:
         torch.set_num_threads(threads)
 
@@ -269,7 +274,7 @@ def log_row(accelerator, state: TrainState, lr_scheduler, bar) -> None:
     """One row of the loss log: the means since the last row, over every process."""
     tot = accelerator.reduce(state.window.to(accelerator.device), reduction="sum").cpu()  # (2, K): same shape everywhere
     row = {"step": state.step, "lr": lr_scheduler.get_last_lr()[0]}
-    row.update({k: float(tot[0, i] / tot[1, i]) for i, k in enumerate(LOG_KEYS) if tot[1, i] > 0})
+    row.update({k: float(tot[0, i] / tot[1, i]) for i, k in enumerate(state.log_keys) if tot[1, i] > 0})
     state.window.zero_()
     state.log.append(row)
     accelerator.log({k: v for k, v in row.items() if k != "step"}, step=state.step)

@@ -40,13 +40,14 @@ def evaluate_unet(unet, parts: dict, steps: int, guidance: float, num_prompts: i
     return {k: r[k] for k in ("fd", "alignment", "wall_time_s")} | {"steps": steps, "guidance": guidance, "num_prompts": num_prompts}
 
 
-def plot_loss_log(log: list, path: Path, title: str = "") -> None:
+def plot_loss_log(log: list, path: Path, title: str = "", keys=LOG_KEYS) -> None:
+    """The loss terms ``keys`` of a loss log (one curve each, log scale) as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in LOG_KEYS if k != "w" and any(k in r for r in log)]
+    keys = [k for k in keys if k != "w" and any(k in r for r in log)]
     fig, ax = plt.subplots(figsize=(7, 3.8))
     for k in keys:
         pts = [(r["step"], r[k]) for r in log if k in r and r[k] > 0]
@@ -113,13 +114,20 @@ def training_record(cfg: TrainConfig, state: TrainState, stage_name: str, studen
         "config": asdict(cfg), "config_sha": config_sha(cfg), "command": _command(),
         "student": str(cfg.student), "teacher": str(cfg.teacher),
         "student_params_before": student_params, "teacher_unet_params": teacher_params,
+        **run_record(state, num_processes),
+        "periodic_evals": state.evals,
+    }
+
+
+def run_record(state, num_processes: int) -> dict:
+    """Timings, machine and last loss row of a finished run (training.json, decoder.json)."""
+    return {
         "wall_time_s": round(state.train_s, 1),
         "s_per_step": round(state.compute_s / state.step, 3) if state.step else None,  # over all (resumed) runs
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "processes": num_processes, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "torch": torch.__version__,
         "final_loss": state.log[-1] if state.log else None,
-        "periodic_evals": state.evals,
     }
 
 
