@@ -10,6 +10,8 @@ tiny-sd         SD v2.1-base block structure at small widths,       everything, 
 tiny-sd-slim    tiny-sd pruned, CFG-aware retrained and step-       serving at 8 steps
                 distilled to 8 steps (``slimsd compress build
                 configs/tiny-sd-slim.json``); committed
+tiny-sd-slim-4  tiny-sd-slim distilled again, 8 -> 4 steps          serving at 4 steps
+                (progressive; ``configs/tiny-sd-slim-4.json``)
 sd21-base-arch  exact SD v2.1-base architecture, random weights     speed / size / export only
 <folder>        any diffusers StableDiffusionPipeline folder        real use
 <hub id>        e.g. stabilityai/stable-diffusion-2-1-base          real use (needs the hub cache
@@ -25,7 +27,12 @@ from pathlib import Path
 ASSETS = Path(__file__).parent / "assets"
 TINY_SD_DIR = ASSETS / "tiny-sd"
 TINY_SD_SLIM_DIR = ASSETS / "tiny-sd-slim"  # pruned + stage 1 + stage 2 (8 steps): `slimsd compress build configs/tiny-sd-slim.json`
-PRESETS = ("tiny-sd", "tiny-sd-slim", "sd21-base-arch")
+TINY_SD_SLIM_4_DIR = ASSETS / "tiny-sd-slim-4"  # tiny-sd-slim, stage 2 again (4 steps): `slimsd compress build configs/tiny-sd-slim-4.json`
+# presets made by `slimsd compress build CONFIG` (committed; the error names the command when absent)
+# (the module attribute holding its folder, its build config)
+BUILT_PRESETS = {"tiny-sd-slim": ("TINY_SD_SLIM_DIR", "configs/tiny-sd-slim.json"),
+                 "tiny-sd-slim-4": ("TINY_SD_SLIM_4_DIR", "configs/tiny-sd-slim-4.json")}
+PRESETS = ("tiny-sd", *BUILT_PRESETS, "sd21-base-arch")
 
 # --- SD v2.1-base, as published in its component config.json files -------------
 SD21_UNET = dict(
@@ -234,13 +241,13 @@ def resolve_model(spec: str | os.PathLike) -> Path:
                 f"tiny-sd weights are missing from {TINY_SD_DIR}; rebuild them with `slimsd train-teacher`"
             )
         return _verified_preset(TINY_SD_DIR)
-    if s == "tiny-sd-slim":
-        if not is_pipeline_folder(TINY_SD_SLIM_DIR):
-            raise FileNotFoundError(
-                f"tiny-sd-slim is not built yet ({TINY_SD_SLIM_DIR} is missing); build it with "
-                "`slimsd compress build configs/tiny-sd-slim.json`"
-            )
-        return _verified_preset(TINY_SD_SLIM_DIR)
+    if s in BUILT_PRESETS:
+        attr, config = BUILT_PRESETS[s]
+        folder = globals()[attr]
+        if not is_pipeline_folder(folder):
+            raise FileNotFoundError(f"{s} is not built yet ({folder} is missing); build it with "
+                                    f"`slimsd compress build {config}`")
+        return _verified_preset(folder)
     if s == "sd21-base-arch":
         out = cache_dir() / "sd21-base-arch"
         if not is_pipeline_folder(out):

@@ -75,3 +75,29 @@ def test_evaluate_reproduces_the_manifest_row():
     # the same machine gives the same numbers; other CPUs may round a few pixels differently
     assert r["fd"] == pytest.approx(m["fd"], rel=0.03)
     assert abs(r["alignment"] - m["alignment"]) <= 0.02
+
+
+def test_tiny_sd_slim_4_is_tiny_sd_slim_distilled_to_4_steps():
+    """The committed 4-step preset: intact, built by configs/tiny-sd-slim-4.json from tiny-sd-slim
+    (the same pruned architecture, other weights), 4 steps by default, its manifest row scored."""
+    from safetensors.torch import load_file
+
+    from slimsd.compress.build import load_build_config
+    from slimsd.defaults import generation_defaults
+    from slimsd.models import TINY_SD_SLIM_4_DIR
+
+    assert resolve_model("tiny-sd-slim-4") == TINY_SD_SLIM_4_DIR
+    m = verify_manifest(TINY_SD_SLIM_4_DIR)
+    assert m["default_steps"] == 4 == generation_defaults(TINY_SD_SLIM_4_DIR).steps
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny-sd-slim-4.json"
+    built = {k: ({f: x for f, x in v.items() if f != "threads"} if isinstance(v, dict) else v)
+             for k, v in m["build"]["config"].items()}
+    assert built == load_build_config(config) and built["model"] == "tiny-sd-slim"
+    assert m["prune_plan"] == json.loads((TINY_SD_SLIM_DIR / "manifest.json").read_text())["prune_plan"]
+    t = json.loads((TINY_SD_SLIM_4_DIR / "training.json").read_text())
+    assert t["config"]["student_steps"] == 4 and t["config"]["student"] == t["config"]["teacher"]
+    a = load_file(TINY_SD_SLIM_4_DIR / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(TINY_SD_SLIM_DIR / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and any(not (a[k] == b[k]).all() for k in a)
+    row = m["metrics"]["steps4_cfg7.5"]
+    assert row["fd"] > 0 and 0 <= row["alignment"] <= 1 and len(row["alignment_ci"]) == 2

@@ -184,6 +184,9 @@ def test_tiny_sd_slim_preset_names_its_build_command(tmp_path, monkeypatch):
     monkeypatch.setattr(M, "TINY_SD_SLIM_DIR", tmp_path / "tiny-sd-slim")
     with pytest.raises(FileNotFoundError, match="compress build configs/tiny-sd-slim.json"):
         M.resolve_model("tiny-sd-slim")
+    monkeypatch.setattr(M, "TINY_SD_SLIM_4_DIR", tmp_path / "tiny-sd-slim-4")
+    with pytest.raises(FileNotFoundError, match="compress build configs/tiny-sd-slim-4.json"):
+        M.resolve_model("tiny-sd-slim-4")
 
 
 def test_build_killed_mid_stage_resumes_from_its_checkpoint(tmp_path, capsys):
