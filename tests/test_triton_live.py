@@ -31,6 +31,9 @@ from slimsd.models import TINY_SD_DIR, TINY_SD_SLIM_DIR
 
 PROMPT = "a red circle left of a blue square"
 STEPS = 4
+# readiness wait: ~20 s on a quiet 2-core machine, but eight Python-backend stubs each importing
+# torch took over 150 s with two training jobs beside the suite (a CI run failed so). Not a speed check.
+READY_S = 360
 
 
 def _free_ports(n: int) -> list[int]:
@@ -98,7 +101,7 @@ def triton(repo):
     http, grpc, metrics = _free_ports(3)
     server = TritonServer(repo, TritonServerConfig(http_port=http, grpc_port=grpc, metrics_port=metrics))
     try:
-        server.start().wait_ready(150)
+        server.start().wait_ready(READY_S)
         yield server
     finally:
         server.close()
@@ -279,7 +282,7 @@ def test_killing_triton_gives_503_then_serve_recovers(serve_api, triton, ort):
     assert any(s == 503 for s, _ in results) or all(s == 200 for s, _ in results[:1])
     assert all(s in (200, 503) for s, _ in results), results
 
-    triton.start().wait_ready(150)  # back on the same ports
+    triton.start().wait_ready(READY_S)  # back on the same ports
     deadline = time.monotonic() + 60
     while True:
         status, body, image = _openai_image(serve_api, seed=5)
