@@ -31,8 +31,8 @@ from slimsd.models import TINY_SD_DIR, TINY_SD_SLIM_DIR
 
 PROMPT = "a red circle left of a blue square"
 STEPS = 4
-# readiness wait: ~20 s on a quiet 2-core machine, but eight Python-backend stubs each importing
-# torch took over 150 s with two training jobs beside the suite (a CI run failed so). Not a speed check.
+# readiness wait: about 25 s here with one other job running, but the eight Python-backend models
+# took over 150 s to load with a training job and the suite on 2 cores (a CI run failed so). Not a speed check.
 READY_S = 360
 
 
