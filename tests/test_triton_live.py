@@ -31,7 +31,7 @@ from slimsd.models import TINY_SD_DIR, TINY_SD_SLIM_DIR
 
 PROMPT = "a red circle left of a blue square"
 STEPS = 4
-# readiness wait: about 25 s here with one other job running, but the eight Python-backend models
+# readiness wait: this whole file ran in 91 s with one other job on the machine, but the eight Python-backend models
 # took over 150 s to load with a training job and the suite on 2 cores (a CI run failed so). Not a speed check.
 READY_S = 360
 
