@@ -376,7 +376,9 @@ def main(argv=None) -> int:
         "bk25": trained(runs["bk"].out), "bk8": trained(runs["bk"].out), "abl_s1_25": trained(runs["abl_s1"].out),
         "abl_s2_8": (st1[0] + trained(runs["abl_s2"].out)[0], st1[1] + trained(runs["abl_s2"].out)[1]),
     }
-    tcfg = info(Path(__import__("slimsd.models", fromlist=["resolve_model"]).resolve_model(teacher))).get("config", {})
+    from slimsd.models import resolve_model
+
+    tcfg = info(resolve_model(teacher)).get("config", {})  # the teacher's own training record
 
     def ci(v, lo_hi, fmt):
         return f"{format(v, fmt)} [{format(lo_hi[0], fmt)}, {format(lo_hi[1], fmt)}]"
