@@ -45,7 +45,7 @@ from slimsd.cliargs import option
 from slimsd.compress.losses import PIXEL_NORMS, loss_decoder_image, loss_decoder_kd, loss_encoder_kd
 from slimsd.compress.train.checkpoint import TrainState, save_checkpoint
 from slimsd.compress.train.config import MixedPrecision, ReportTo, config_sha
-from slimsd.compress.train.data import _open_images, build_latent_cache, micro_generator, posterior
+from slimsd.compress.train.data import build_latent_cache, cycle_dataset, open_images, micro_generator, posterior
 from slimsd.compress.train.loop import log_row, make_accelerator, make_lr_scheduler, resume, with_threads
 from slimsd.compress.train.output import run_record
 from slimsd.io import atomic_dir
@@ -192,24 +192,12 @@ class DistilBatches:
             with main_first():
                 self.cache = build_latent_cache(source, text_encoder, tokenizer, cfg.data, cfg.num_latents,
                                                 cfg.data_seed, resolution, device=device)
-            self.get, _ = _open_images(cfg.data, cfg.num_latents, cfg.data_seed, resolution)
+            self.get, _ = open_images(cfg.data, cfg.num_latents, cfg.data_seed, resolution)
             return
         from slimsd.data.user import open_dataset
 
         ds = open_dataset(cfg.data, resolution=resolution, seed=cfg.data_seed, shuffle_buffer=1000)
-        self.it = self._forever(ds)
-        for _ in range(skip):  # a resumed run continues where the checkpointed one stopped
-            next(self.it)
-
-    @staticmethod
-    def _forever(ds):
-        while True:
-            n = 0
-            for pair in ds:
-                n += 1
-                yield pair
-            if n == 0:
-                raise ValueError(f"dataset {ds.name} yielded no samples")
+        self.it = cycle_dataset(ds, skip)
 
     @torch.no_grad()
     def __call__(self, batch: int, g: torch.Generator):
@@ -353,7 +341,7 @@ def evaluate_tiny_vae(tiny, source, cfg: DecoderConfig, batch: int = 16) -> dict
 
     data = "scenes:heldout" if cfg.data.split(":")[0] == "scenes" else cfg.data
     resolution = cfg.resolution or int(source.config.sample_size)
-    get, n = _open_images(data, cfg.eval_samples, cfg.data_seed + 1, resolution)
+    get, n = open_images(data, cfg.eval_samples, cfg.data_seed + 1, resolution)
     x = to_tensor([get(i)[0] for i in range(n)])  # (N, 3, H, W)
     s = float(source.config.scaling_factor)
     ref, dec, rt, lat, lat_ref = [], [], [], [], []

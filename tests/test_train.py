@@ -312,3 +312,16 @@ def test_build_without_prune_and_stage1_distils_the_model_itself(student, tmp_pa
         build({**cfg, "stage1": {}})
     with pytest.raises(ValueError, match="'stage1' and/or a 'stage2'"):
         build({"model": str(student), "out": str(tmp_path / "x")})
+
+
+def test_cycle_dataset_repeats_epochs_skips_on_resume_and_refuses_an_empty_stream():
+    """Streamed data (--num-latents 0), shared by training and `compress decoder`."""
+    from slimsd.compress.train.data import cycle_dataset
+
+    class DS(list):
+        name = "toy"
+
+    it = cycle_dataset(DS(["a", "b", "c"]), skip=2)
+    assert [next(it) for _ in range(4)] == ["c", "a", "b", "c"]
+    with pytest.raises(ValueError, match="toy yielded no samples"):
+        next(cycle_dataset(DS()))

@@ -49,6 +49,24 @@ def posterior(vae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return dist.mean, dist.std
 
 
+def cycle_dataset(ds, skip: int = 0):
+    """(image, caption) pairs of a streamed dataset, epoch after epoch, the first ``skip`` dropped
+    (a resumed run continues where the checkpointed one stopped); an empty dataset is an error."""
+    def forever():
+        while True:
+            n = 0
+            for pair in ds:
+                n += 1
+                yield pair
+            if n == 0:
+                raise ValueError(f"dataset {ds.name} yielded no samples")
+
+    it = forever()
+    for _ in range(skip):
+        next(it)
+    return it
+
+
 @torch.no_grad()
 def encode_captions(text_encoder, tokenizer, captions: list[str], device, batch: int = 256) -> torch.Tensor:
     """(N,) captions -> (N, 77, D) last hidden states of the frozen text encoder."""
@@ -70,7 +88,7 @@ def _latent_cache_key(vae, text_encoder, tokenizer, data: str, num: int, seed: i
                                       tok.hexdigest()[:16]]).encode()).hexdigest()[:20]
 
 
-def _open_images(data: str, num: int, seed: int, resolution: int):
+def open_images(data: str, num: int, seed: int, resolution: int):
     """``(get(i) -> (image, caption), n)`` for the first ``n <= num`` training pairs of ``data``."""
     if data == "scenes" or data.startswith("scenes:"):
         from slimsd.data.scenes import SceneDataset
@@ -104,7 +122,7 @@ def build_latent_cache(vae, text_encoder, tokenizer, data: str, num: int, seed: 
     path = root / f"{key}.pt"
     if path.is_file():
         return torch.load(path, map_location="cpu", weights_only=True)
-    get, n = _open_images(data, num, seed, resolution)
+    get, n = open_images(data, num, seed, resolution)
     means, stds, caps = [], [], []
     for i in tqdm(range(0, n, batch), desc="encode latents", dynamic_ncols=True):
         pairs = [get(j) for j in range(i, min(i + batch, n))]
@@ -156,19 +174,8 @@ class StreamedBatches:
         self.ds = open_dataset(data, resolution=resolution, seed=seed, shuffle_buffer=1000)
         self.vae, self.te, self.tok = vae, text_encoder, tokenizer
         self.p_drop, self.device = caption_dropout, device
-        self.it = self._forever()
-        for _ in range(skip):
-            next(self.it)
+        self.it = cycle_dataset(self.ds, skip)
         self.uncond = encode_captions(text_encoder, tokenizer, [""], device)[0]
-
-    def _forever(self):
-        while True:
-            n = 0
-            for pair in self.ds:
-                n += 1
-                yield pair
-            if n == 0:
-                raise ValueError(f"dataset {self.ds.name} yielded no samples")
 
     @torch.no_grad()
     def __call__(self, batch: int, g: torch.Generator):
