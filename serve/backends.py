@@ -68,6 +68,9 @@ class Backend:
 def _load_onnxruntime(settings, source: Source) -> Loaded:
     from slimsd.runners_ort import OrtRunners
 
+    if settings.precision == "int8":
+        raise ValueError("precision: int8 is the openvino backend's (slimsd export int8 makes its U-Net); "
+                         "use --backend openvino")
     providers = ["CPUExecutionProvider"] if settings.device == "cpu" else None
     runners = OrtRunners(source.onnx_dir(settings), providers=providers, threads=settings.threads)
     return Loaded(runners, runners.specs["unet"], precision_of(settings.dtype))  # what the export holds
@@ -159,8 +162,10 @@ def choose_backend(settings, unet_params: int | None, bf16: str | None) -> Backe
     * a CUDA GPU (``--device cuda``, or ``auto`` with one visible) -> onnxruntime (CUDA provider);
     * ``--precision f32`` -> onnxruntime: the fastest fp32 CPU runtime measured at both sizes;
     * a small U-Net (< ``SMALL_UNET_PARAMS``) with precision auto -> onnxruntime fp32;
+    * ``--precision int8`` -> openvino (the int8 U-Net of ``slimsd export int8``);
     * an SD-size U-Net on a CPU with BF16 -> the first installed ``cpu_bf16`` backend of
-      :data:`BACKENDS` in bf16 (openvino, else torch: no ONNX export needed either);
+      :data:`BACKENDS` in bf16 (openvino, else torch: no ONNX export needed either); openvino
+      gets ``auto``, which is int8 where the export's int8 report vouches for it on this CPU;
     * any other CPU -> onnxruntime fp32.
 
     ``unet_params``: None = unknown size (treated as SD-size). ``bf16``: the CPU's BF16 kind
@@ -172,6 +177,10 @@ def choose_backend(settings, unet_params: int | None, bf16: str | None) -> Backe
         return BackendChoice(FP32_BACKEND, "auto", "a CUDA GPU is visible")
     if settings.precision == "f32":
         return BackendChoice(FP32_BACKEND, "f32", "precision f32: ONNX Runtime is the fastest fp32 CPU runtime measured")
+    if settings.precision == "int8":
+        if not BACKENDS["openvino"].available():
+            raise ValueError("precision: int8 needs the openvino backend: pip install 'slimsd[openvino]'")
+        return BackendChoice("openvino", "int8", "precision int8: the OpenVINO int8 U-Net of slimsd export int8")
     size = f"U-Net {unet_params / 1e6:.1f}M params" if unet_params is not None else "U-Net size unknown"
     if settings.precision == "auto" and unet_params is not None and unet_params < SMALL_UNET_PARAMS:
         return BackendChoice(FP32_BACKEND, "f32", f"CPU, {size} (< {SMALL_UNET_PARAMS / 1e6:.0f}M): per-call overhead "
@@ -185,6 +194,9 @@ def choose_backend(settings, unet_params: int | None, bf16: str | None) -> Backe
     pick = next(b for b in candidates if b.available())  # torch is always there
     missing = "".join(f", {b.name} not installed (pip install 'slimsd[{b.name}]' is faster: docs/serve.md)"
                       for b in candidates[:candidates.index(pick)])
+    if pick.name == "openvino":  # its auto is bf16 here, or int8 where the export's int8 report vouches for it
+        return BackendChoice(pick.name, "auto", f"CPU with {bf16}, {size}: OpenVINO bf16, or int8 where "
+                             "slimsd export int8 measured it faster and its quality check passed")
     return BackendChoice(pick.name, "bf16", f"CPU with {bf16}, {size}{missing}: {pick.label} bf16")
 
 

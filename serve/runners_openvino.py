@@ -7,10 +7,14 @@ The same ONNX files as :class:`slimsd.runners_ort.OrtRunners`, compiled by OpenV
 plugin; tensor names and dtypes come from the folder's specs, inputs are cast to the exported
 dtype and outputs come back float32.
 
-**Precision** (``INFERENCE_PRECISION_HINT``): ``f32``, ``bf16`` or ``auto``. ``auto`` is bf16
-only where the CPU plugin reports ``BF16`` in ``OPTIMIZATION_CAPABILITIES`` (AVX512-BF16 or
-AMX), else f32. The hint changes the precision of the kernels only: weights stay as stored
-and I/O stay float32. Asking for ``bf16`` on a CPU without BF16 is an error, not a silent f32.
+**Precision** (``INFERENCE_PRECISION_HINT``): ``f32``, ``bf16``, ``int8`` or ``auto``. The float
+``auto`` is bf16 only where the CPU plugin reports ``BF16`` in ``OPTIMIZATION_CAPABILITIES``
+(AVX512-BF16 or AMX), else f32. The hint changes the precision of the kernels only: weights
+stay as stored and I/O stay float32. Asking for ``bf16`` on a CPU without BF16 is an error, not
+a silent f32. ``int8`` compiles the U-Net from the int8 IR of ``slimsd export int8``
+(:mod:`slimsd.serve.quantize`; refused when missing, stale or corrupt), its float ops and the
+other two components at the float ``auto``; ``auto`` becomes int8 only where that artifact's
+report says its quality check passed and int8 measured faster on this CPU.
 
 **Threads**: ``threads`` sets ``INFERENCE_NUM_THREADS`` (default: OpenVINO's choice, all
 physical cores); one stream per model with the ``LATENCY`` hint, as one ONNX Runtime session
@@ -48,7 +52,7 @@ from slimsd.specs import COMPONENTS
 
 log = logging.getLogger("slimsd.serve")
 
-PRECISIONS = REQUESTED_PRECISIONS  # auto | bf16 | f32
+PRECISIONS = REQUESTED_PRECISIONS  # auto | bf16 | f32 | int8
 # What ``auto`` picks on a CPU with BF16: bf16 (its images stay within the evaluator's noise
 # on tiny-sd: docs/serve.md, "OpenVINO"); set to "f32" here if that ever stops being true.
 AUTO_PRECISION_WITH_BF16 = "bf16"
@@ -81,16 +85,19 @@ def cpu_supports_bf16(core=None) -> bool:
     return "BF16" in cpu_capabilities(core)
 
 
-def resolve_precision(precision: str, core=None, capabilities: list[str] | None = None) -> Precision:
-    """``"bf16"`` or ``"f32"`` for a requested ``auto`` / ``bf16`` / ``f32``.
+def resolve_precision(precision: str, core=None, capabilities: list[str] | None = None,
+                      int8_report: dict | None = None) -> Precision:
+    """``"bf16"`` / ``"f32"`` / ``"int8"`` for a requested ``auto`` / ``bf16`` / ``f32`` / ``int8``.
 
     ValueError naming the ``precision`` setting for any other value, or for ``bf16`` on a CPU
-    without BF16. ``capabilities`` overrides the CPU plugin's list (tests).
+    without BF16. ``capabilities`` overrides the CPU plugin's list (tests). ``int8_report``: the
+    export's ``slimsd export int8`` report; ``auto`` takes int8 where
+    :func:`slimsd.serve.quantize.int8_verdict` says so.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision: must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-    if precision == "f32":
-        return "f32"
+    if precision in ("f32", "int8"):
+        return precision  # type: ignore[return-value]
     caps = cpu_capabilities(core) if capabilities is None else list(capabilities)
     bf16 = "BF16" in caps
     if precision == "bf16":
@@ -98,7 +105,15 @@ def resolve_precision(precision: str, core=None, capabilities: list[str] | None 
             raise ValueError(f"precision: bf16 needs a CPU with BF16 support (AVX512-BF16 or AMX); OpenVINO reports "
                              f"{', '.join(caps) or 'nothing'}. Use precision f32 or auto.")
         return "bf16"
-    return AUTO_PRECISION_WITH_BF16 if bf16 else "f32"  # auto
+    floating = AUTO_PRECISION_WITH_BF16 if bf16 else "f32"  # auto
+    if int8_report is not None:
+        from .quantize import int8_verdict
+
+        take, why = int8_verdict(int8_report, floating)
+        log.info("openvino: precision auto: %s (%s)", "int8" if take else floating, why)
+        if take:
+            return "int8"
+    return floating
 
 
 CACHE_KEY_FILE = "slimsd-cache-key.json"  # in each cache folder: what its blob was compiled from
@@ -134,12 +149,24 @@ class OpenVINORunners(ExportFolderRunners):
         self._open(folder)
         if threads is not None and int(threads) < 1:
             raise ValueError(f"threads: must be >= 1, got {threads}")
+        from . import quantize
+
         self.core = core or _core()
         self.requested_precision = precision
-        self.precision = resolve_precision(precision, self.core)
+        self.precision = resolve_precision(precision, self.core, int8_report=quantize.read_report(self.folder))
         self.threads = threads
         self.device = device
-        self.config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY",
+        # the model files and their hashes (cache keys); int8: the U-Net is the checked int8 IR
+        self.paths = {name: self.onnx_path(name) for name in COMPONENTS}
+        self.files = {name: self.manifest.get("components", {}).get(name, {}).get("files", {}) for name in COMPONENTS}
+        hint = self.precision
+        if self.precision == "int8":
+            report = quantize.read_report(self.folder)
+            self.paths["unet"] = quantize.check_fresh(self.folder, report)
+            self.files["unet"] = {f"{quantize.INT8_DIR}/{k}": v for k, v in report["ir_sha256"].items()}
+            hint = resolve_precision("auto", self.core)  # the float ops and the other components
+        self.float_hint = hint
+        self.config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
                        "NUM_STREAMS": "1"}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = str(int(threads))
@@ -149,7 +176,7 @@ class OpenVINORunners(ExportFolderRunners):
             log.warning("openvino: %s is not writable; compiling without a cache", root)
         self.compiled, self.compile_s = {}, {}
         for name in COMPONENTS:
-            path = self.onnx_path(name)
+            path = self.paths[name]
             t0 = time.perf_counter()
             compiled = self.core.compile_model(str(path), device, self._config_for(name))
             self.compile_s[name] = round(time.perf_counter() - t0, 3)
@@ -178,14 +205,17 @@ class OpenVINORunners(ExportFolderRunners):
     def _config_for(self, name: str) -> dict:
         if self.cache_root is None:
             return dict(self.config)
-        files = self.manifest.get("components", {}).get(name, {}).get("files", {})
+        files = self.files[name]
         if not files:  # an export without hashes: no safe cache key
             return dict(self.config)
         import hashlib
 
         key = self.cache_key(name, files)
-        sub = self.cache_root / f"{name}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}"
-        for old in self.cache_root.glob(f"{name}-*"):
+        # the int8 U-Net's blobs live apart: its files differ from the ONNX's, and sharing the prefix
+        # would make each compile delete the other's cache as "an older export"
+        label = "unet_int8" if name == "unet" and self.precision == "int8" else name
+        sub = self.cache_root / f"{label}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}"
+        for old in self.cache_root.glob(f"{label}-*"):
             if old != sub and old.is_dir() and _stale(old, files):
                 shutil.rmtree(old, ignore_errors=True)
         sub.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,9 @@ class TorchRunners(ComponentRunners):
             self.precision = precision_of(dtype, "dtype")
         except ValueError:
             raise ValueError(f"dtype: must be one of {', '.join(self.DTYPES)}; got {dtype!r}") from None
+        if self.precision == "int8":
+            raise ValueError("precision: int8 is the openvino backend's (slimsd export int8); torch runs "
+                             f"{', '.join(self.DTYPES)}")
         if self.precision == "fp16" and self.device == "cpu":
             raise ValueError("float16 needs a CUDA device with the torch backend (on a CPU: bfloat16)")
         self.dtype = getattr(torch, dtype_name(self.precision))

@@ -148,7 +148,7 @@ def test_precision_resolution():
     with pytest.raises(ValueError, match=r"^precision: bf16 needs a CPU with BF16.*FP32, INT8, BIN"):
         resolve_precision("bf16", without)
     for bad in ("fp16", "BF16", "", "float32"):
-        with pytest.raises(ValueError, match=r"^precision: must be one of auto, bf16, f32; got"):
+        with pytest.raises(ValueError, match=r"^precision: must be one of auto, bf16, f32, int8; got"):
             resolve_precision(bad, with_bf16)
 
 
@@ -200,9 +200,13 @@ def test_auto_backend_choice(monkeypatch):
     # small U-Nets: ONNX Runtime fp32 whatever the CPU (tiny-sd: 0.347 s vs OpenVINO bf16 0.375 s)
     for bf16 in ("amx", "avx512_bf16", None):
         assert pick(tiny, bf16) == pick(SMALL_UNET_PARAMS - 1, bf16) == ("onnxruntime", "f32")
-    # SD-size: bf16 where the CPU has it, on OpenVINO (torch bf16 when openvino is missing)
-    assert pick(sd, "amx") == pick(None, "amx") == ("openvino", "bf16")
-    assert pick(sd, "avx512_bf16") == pick(SMALL_UNET_PARAMS, "avx512_bf16") == ("openvino", "bf16")
+    # SD-size: bf16 where the CPU has it, on OpenVINO (torch bf16 when openvino is missing); OpenVINO
+    # gets auto, which is bf16 there unless the export's int8 report vouches for int8 (test_int8.py)
+    assert pick(sd, "amx") == pick(None, "amx") == ("openvino", "auto")
+    assert pick(sd, "avx512_bf16") == pick(SMALL_UNET_PARAMS, "avx512_bf16") == ("openvino", "auto")
+    assert rov.resolve_precision("auto", capabilities=["BF16", "FP32"]) == "bf16"
+    # int8 is OpenVINO's, whatever the size and CPU
+    assert pick(tiny, None, precision="int8") == pick(sd, "amx", precision="int8") == ("openvino", "int8")
     assert pick(sd, None) == ("onnxruntime", "f32")
     # the precision setting overrides the size rule
     assert pick(sd, "amx", precision="f32") == ("onnxruntime", "f32")
@@ -210,6 +214,8 @@ def test_auto_backend_choice(monkeypatch):
     with pytest.raises(ValueError, match="^precision: bf16 needs a CPU with BF16"):
         pick(sd, None, precision="bf16")
     monkeypatch.setattr(rov, "available", lambda: False)
+    with pytest.raises(ValueError, match="^precision: int8 needs the openvino backend"):
+        pick(sd, "amx", precision="int8")
     for bf16 in ("amx", "avx512_bf16"):
         c = choose_backend(ServeSettings(), sd, bf16=bf16)
         assert (c.backend, c.precision) == ("torch", "bf16") and "pip install 'slimsd[openvino]'" in c.why
