@@ -179,3 +179,17 @@ def test_cli_errors_name_the_field(export, capsys, tmp_path):
     shutil.copytree(export, bare, ignore=shutil.ignore_patterns("openvino", "openvino-int8"))
     assert main(["export", "int8", str(bare), "--time-only"]) == 2
     assert "slimsd export int8" in capsys.readouterr().err
+
+
+def test_quality_bar_is_non_inferiority_and_equivalence_is_recorded():
+    from slimsd.serve.quantize import equivalent, passes_bar
+
+    def d(a_lo, a_hi, f_lo, f_hi):
+        return {"alignment_diff_ci": (a_lo, a_hi), "fd_ratio_ci": (f_lo, f_hi)}
+
+    assert passes_bar(d(-0.01, 0.01, 0.95, 1.05)) and equivalent(d(-0.01, 0.01, 0.95, 1.05))
+    assert not passes_bar(d(-0.03, 0.01, 0.95, 1.05))  # alignment may be 0.02+ worse
+    assert not passes_bar(d(-0.01, 0.01, 0.95, 1.12))  # FD may be 10%+ worse
+    # better than f32 on both (tiny-sd's measured case): passes, but is not "the same"
+    better = d(0.004, 0.024, 0.77, 0.81)
+    assert passes_bar(better) and not equivalent(better)
