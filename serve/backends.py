@@ -194,7 +194,7 @@ def choose_backend(settings, unet_params: int | None, bf16: str | None) -> Backe
     pick = next(b for b in candidates if b.available())  # torch is always there
     missing = "".join(f", {b.name} not installed (pip install 'slimsd[{b.name}]' is faster: docs/serve.md)"
                       for b in candidates[:candidates.index(pick)])
-    if pick.name == "openvino":  # its auto is bf16 here, or int8 where the export's int8 report vouches for it
+    if pick.name == "openvino" and settings.precision == "auto":  # bf16 here, or int8 where its report vouches
         return BackendChoice(pick.name, "auto", f"CPU with {bf16}, {size}: OpenVINO bf16, or int8 where "
                              "slimsd export int8 measured it faster and its quality check passed")
     return BackendChoice(pick.name, "bf16", f"CPU with {bf16}, {size}{missing}: {pick.label} bf16")
