@@ -165,6 +165,29 @@ def fmt_s(x: float) -> str:
     return f"{x * 1000:.1f} ms" if x < 1 else f"{x:.2f} s"
 
 
+def export_unet_only(unet, spec, out_dir: Path, opset: int = 17) -> Path:
+    """``unet`` as ``slimsd export onnx`` writes it (trace, stamp names, clean-up) into
+    ``out_dir/unet/model.onnx``, without the parity check; kept if already there."""
+    import shutil
+
+    from slimsd.export.onnx import _wrappers, clean_up, stamp_io, torch_export
+
+    final = out_dir / "unet" / "model.onnx"
+    if final.is_file():
+        return final
+    tmp = out_dir / ".unet.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "raw").mkdir(parents=True)
+    torch_export(_wrappers()["unet"](unet).eval(), spec, tmp / "raw" / "model.onnx", opset)
+    stamp_io(tmp / "raw" / "model.onnx", spec)
+    clean_up(tmp / "raw" / "model.onnx", tmp / "final" / "model.onnx", optimize=True, dtype="float32", external=True)
+    shutil.rmtree(tmp / "raw")
+    shutil.rmtree(out_dir / "unet", ignore_errors=True)
+    (tmp / "final").rename(out_dir / "unet")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 def write_results(stem: str, data: dict, markdown: str) -> tuple[Path, Path]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     j, m = RESULTS / f"{stem}.json", RESULTS / f"{stem}.md"

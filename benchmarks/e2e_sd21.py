@@ -33,15 +33,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from e2e_common import (ROOT, OrtComponents, TorchComponents, component_inputs, count_flops, fmt_s, log,  # noqa: E402
-                        machine, matmul_peak, stats, time_calls, write_results)
+from e2e_common import (ROOT, OrtComponents, TorchComponents, component_inputs, count_flops, export_unet_only,  # noqa: E402
+                        fmt_s, log, machine, matmul_peak, stats, time_calls, write_results)
 
 TARGET = 466e6
 PAPER = {"A6000 Table 1 (avg. s/image)": (0.66, 0.26), "A6000 §4 text (s/image)": (0.92, 0.31)}
@@ -133,22 +132,11 @@ def flops_meta(plans: dict[str, list[str]], dims, preset: str = "sd21-base-arch"
 
 def export_pruned_unet(pruned, spec, out_dir: Path, opset: int) -> Path:
     """U-Net only, as ``slimsd export onnx`` writes it (trace, stamp names, clean-up), without parity check."""
-    from slimsd.export.onnx import _wrappers, clean_up, stamp_io, torch_export
-
     final = out_dir / "unet" / "model.onnx"
     if final.is_file():
         return final
-    tmp = out_dir / ".unet.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "raw").mkdir(parents=True)
     t0 = time.perf_counter()
-    torch_export(_wrappers()["unet"](pruned).eval(), spec, tmp / "raw" / "model.onnx", opset)
-    stamp_io(tmp / "raw" / "model.onnx", spec)
-    clean_up(tmp / "raw" / "model.onnx", tmp / "final" / "model.onnx", optimize=True, dtype="float32", external=True)
-    shutil.rmtree(tmp / "raw")
-    shutil.rmtree(out_dir / "unet", ignore_errors=True)
-    (tmp / "final").rename(out_dir / "unet")
-    shutil.rmtree(tmp, ignore_errors=True)
+    export_unet_only(pruned, spec, out_dir, opset)
     (out_dir / "export.json").write_text(json.dumps({"seconds": time.perf_counter() - t0, "opset": opset,
                                                      "removed_blocks": list(pruned.config.removed_blocks)}, indent=2))
     log(f"exported pruned U-Net to {final} in {time.perf_counter() - t0:.0f} s")

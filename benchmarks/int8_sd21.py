@@ -1,6 +1,7 @@
 """The U-Net step at SD v2.1-base size in OpenVINO int8 vs bf16 vs f32, on this CPU (issue 15, part 2).
 
-    python benchmarks/int8_sd21.py                    # export (once), quantize, time: ~15 min on 2 cores
+    python benchmarks/int8_sd21.py --prepare-only     # export (once) and quantize: any load
+    python benchmarks/int8_sd21.py                    # time, on a quiet machine
     python benchmarks/int8_sd21.py --preset tiny-sd   # smoke test of the script (seconds)
 
 ``sd21-base-arch`` has random weights: **speed only**. Its U-Net is exported as ``slimsd export
@@ -20,35 +21,25 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
-from e2e_common import ROOT, log, machine, write_results
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from e2e_common import ROOT, export_unet_only, log, machine, write_results  # noqa: E402
 
 
-def export_unet(preset: str, out_dir: Path, opset: int = 17) -> Path:
+def export_unet(preset: str, out_dir: Path) -> Path:
     """The preset's U-Net (random weights, seed 0) as ``slimsd export onnx`` writes it, once."""
-    import shutil
-
-    from slimsd.export.onnx import _wrappers, clean_up, stamp_io, torch_export
     from slimsd.models import build_components, resolve_model
     from slimsd.specs import component_specs
 
     final = out_dir / "unet" / "model.onnx"
     if final.is_file():
         return final
-    unet = build_components(preset)[0].eval()
-    spec = component_specs(resolve_model(preset))["unet"]
-    tmp = out_dir / ".unet.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "raw").mkdir(parents=True)
     t0 = time.perf_counter()
-    torch_export(_wrappers()["unet"](unet).eval(), spec, tmp / "raw" / "model.onnx", opset)
-    stamp_io(tmp / "raw" / "model.onnx", spec)
-    clean_up(tmp / "raw" / "model.onnx", tmp / "final" / "model.onnx", optimize=True, dtype="float32", external=True)
-    shutil.rmtree(out_dir / "unet", ignore_errors=True)
-    (tmp / "final").rename(out_dir / "unet")
-    shutil.rmtree(tmp, ignore_errors=True)
+    export_unet_only(build_components(preset)[0].eval(), component_specs(resolve_model(preset))["unet"], out_dir)
     log(f"exported {preset} U-Net to {final} in {time.perf_counter() - t0:.0f} s")
     return final
 
@@ -60,6 +51,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16, help="calibration inputs (random: speed only)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="OpenVINO threads (default: all cores)")
+    ap.add_argument("--prepare-only", action="store_true", help="export and quantize, no timing (those need no quiet "
+                    "machine; the timing does)")
     ap.add_argument("--stem", default=None, help="results file stem (default int8_sd21; int8_<preset> otherwise)")
     a = ap.parse_args()
 
@@ -88,6 +81,8 @@ def main() -> None:
         ov.save_model(q, str(ir), compress_to_fp16=False)
         t_q = time.perf_counter() - t1
         log(f"quantized in {t_q:.0f} s ({len(kept)} ops kept in float)")
+    if a.prepare_only:
+        return
     core = ov.Core()
     bf16 = cpu_supports_bf16(core)
     base = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
