@@ -47,8 +47,10 @@ class ServeSettings(BaseModel):
     threads: int | None = Field(None, ge=1, description="intra-op threads of ONNX Runtime / OpenVINO / torch "
                                                        "(default: all)")
     precision: RequestedPrecision = Field("auto", description="CPU precision of openvino and torch: auto "
-                                                      "= openvino bf16 where the CPU supports it, torch --dtype; with "
-                                                      "backend auto, f32 keeps onnxruntime fp32 and bf16 forces bf16")
+                                                      "= openvino bf16 where the CPU supports it (int8 where its `slimsd "
+                                                      "export int8` report vouches for it), torch --dtype; with backend "
+                                                      "auto, f32 keeps onnxruntime fp32, bf16 forces bf16, int8 = openvino "
+                                                      "with the int8 U-Net")
     openvino_cache: bool = Field(True, description="openvino: keep compiled models in <onnx dir>/openvino "
                                                    "(faster restarts)")
     engines_dir: Path | None = Field(None, description="tensorrt: folder of <component>.plan; default built into "

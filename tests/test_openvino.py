@@ -172,7 +172,7 @@ def test_bad_precision_is_a_clear_error_naming_the_field(capsys):
 
     with pytest.raises(ValidationError) as e:
         ServeSettings(backend="openvino", precision="fp16")
-    assert e.value.errors()[0]["loc"] == ("precision",) and "'auto', 'bf16' or 'f32'" in str(e.value)
+    assert e.value.errors()[0]["loc"] == ("precision",) and "'auto', 'bf16', 'f32' or 'int8'" in str(e.value)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--backend", "openvino", "--precision", "fp16"])
     assert "--precision: invalid choice: 'fp16'" in capsys.readouterr().err
