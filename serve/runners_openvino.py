@@ -153,7 +153,8 @@ class OpenVINORunners(ExportFolderRunners):
 
         self.core = core or _core()
         self.requested_precision = precision
-        self.precision = resolve_precision(precision, self.core, int8_report=quantize.read_report(self.folder))
+        report = quantize.read_report(self.folder)
+        self.precision = resolve_precision(precision, self.core, int8_report=report)
         self.threads = threads
         self.device = device
         # the model files and their hashes (cache keys); int8: the U-Net is the checked int8 IR
@@ -161,10 +162,18 @@ class OpenVINORunners(ExportFolderRunners):
         self.files = {name: self.manifest.get("components", {}).get(name, {}).get("files", {}) for name in COMPONENTS}
         hint = self.precision
         if self.precision == "int8":
-            report = quantize.read_report(self.folder)
-            self.paths["unet"] = quantize.check_fresh(self.folder, report)
-            self.files["unet"] = {f"{quantize.INT8_DIR}/{k}": v for k, v in report["ir_sha256"].items()}
-            hint = resolve_precision("auto", self.core)  # the float ops and the other components
+            floating = resolve_precision("auto", self.core)  # the float ops and the other components
+            try:
+                self.paths["unet"] = quantize.check_fresh(self.folder, report)
+            except ValueError as e:
+                if precision != "auto":
+                    raise
+                # auto never fails start-up over a stale or corrupt int8 artifact: it serves float
+                log.warning("openvino: precision auto: %s; serving %s", e, floating)
+                self.precision = floating
+            else:
+                self.files["unet"] = {f"{quantize.INT8_DIR}/{k}": v for k, v in report["ir_sha256"].items()}
+            hint = floating
         self.float_hint = hint
         self.config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
                        "NUM_STREAMS": "1"}

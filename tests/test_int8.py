@@ -94,6 +94,14 @@ def test_stale_or_corrupt_artifact_is_refused(export, quantized, tmp_path):
     (stale / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ValueError, match="quantized from another export"):
         OpenVINORunners(stale, precision="int8")
+    # auto with a report that would vouch for int8 but a stale artifact: serves float, does not fail
+    from slimsd.serve import quantize
+
+    r = json.loads((stale / "openvino-int8" / "report.json").read_text())
+    t = {"int8_ms": 1.0, "bf16_ms": 9.0, "f32_ms": 9.0}
+    r.update(quality={"status": "passed", "passed": True}, speed={quantize._cpu_key(quantize.cpu_id()): t})
+    (stale / "openvino-int8" / "report.json").write_text(json.dumps(r))
+    assert OpenVINORunners(stale, precision="auto", threads=2).precision in ("bf16", "f32")
     corrupt = tmp_path / "corrupt"
     shutil.copytree(export, corrupt, ignore=shutil.ignore_patterns("openvino"))
     with open(corrupt / "openvino-int8" / "unet.bin", "r+b") as fh:
