@@ -47,7 +47,7 @@ import numpy as np
 
 from slimsd.cliargs import option
 from slimsd.io import atomic_write_text
-from slimsd.runners import ComponentRunners
+from slimsd.runners import ComponentRunners, generate_with_defaults
 
 log = logging.getLogger("slimsd.serve")
 
@@ -152,8 +152,6 @@ def collect_calibration(runners, cfg: Int8Config, progress=True) -> list[dict]:
     for i in tqdm(range(0, len(prompts), cfg.batch), desc="int8 calibration", unit="batch", disable=not progress):
         ids = list(range(i, min(i + cfg.batch, len(prompts))))
         rec.start_batch(ids)
-        from slimsd.runners import generate_with_defaults
-
         generate_with_defaults(rec, tok, sched, runners.specs["unet"], defaults, [prompts[j] for j in ids],
                                steps=steps, guidance=cfg.guidance, seeds=[cfg.seed * 100_003 + j for j in ids])
     return rec.samples
@@ -401,7 +399,6 @@ def export_int8(export_dir: str | Path, cfg: Int8Config | None = None, progress:
     else:
         report["quality"] = {"status": "not checked (the scene evaluator judges 64x64 scene models only)",
                              "passed": None}
-    report["speed"] = {}
     add_timing(export_dir, report, cfg, samples)
     atomic_write_text(out / REPORT_FILE, json.dumps(report, indent=2) + "\n")
     return report
