@@ -165,27 +165,32 @@ def fmt_s(x: float) -> str:
     return f"{x * 1000:.1f} ms" if x < 1 else f"{x:.2f} s"
 
 
-def export_unet_only(unet, spec, out_dir: Path, opset: int = 17) -> Path:
-    """``unet`` as ``slimsd export onnx`` writes it (trace, stamp names, clean-up) into
-    ``out_dir/unet/model.onnx``, without the parity check; kept if already there."""
+def export_component_only(module, component: str, spec, out_dir: Path, opset: int = 17) -> Path:
+    """``module`` as ``slimsd export onnx`` writes ``component`` (trace, stamp names, clean-up) into
+    ``out_dir/<component>/model.onnx``, without the parity check; kept if already there."""
     import shutil
 
     from slimsd.export.onnx import _wrappers, clean_up, stamp_io, torch_export
 
-    final = out_dir / "unet" / "model.onnx"
+    final = out_dir / component / "model.onnx"
     if final.is_file():
         return final
-    tmp = out_dir / ".unet.tmp"
+    tmp = out_dir / f".{component}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "raw").mkdir(parents=True)
-    torch_export(_wrappers()["unet"](unet).eval(), spec, tmp / "raw" / "model.onnx", opset)
+    torch_export(_wrappers()[component](module).eval(), spec, tmp / "raw" / "model.onnx", opset)
     stamp_io(tmp / "raw" / "model.onnx", spec)
     clean_up(tmp / "raw" / "model.onnx", tmp / "final" / "model.onnx", optimize=True, dtype="float32", external=True)
     shutil.rmtree(tmp / "raw")
-    shutil.rmtree(out_dir / "unet", ignore_errors=True)
-    (tmp / "final").rename(out_dir / "unet")
+    shutil.rmtree(out_dir / component, ignore_errors=True)
+    (tmp / "final").rename(out_dir / component)
     shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def export_unet_only(unet, spec, out_dir: Path, opset: int = 17) -> Path:
+    """``unet`` as ``slimsd export onnx`` writes it into ``out_dir/unet/model.onnx`` (no parity check)."""
+    return export_component_only(unet, "unet", spec, out_dir, opset)
 
 
 def write_results(stem: str, data: dict, markdown: str) -> tuple[Path, Path]:

@@ -1,27 +1,32 @@
-"""End to end at 512x512 on the SD v2.1-base architecture: SD 25 steps vs the 466M pruned U-Net at 8 steps.
+"""End to end at 512x512 on the SD v2.1-base architecture: SD at 25 steps vs pruned U-Nets at 8 (and 4) steps.
 
-    python benchmarks/e2e_sd21.py --onnx runs/onnx-sd21 --threads 1
+    python benchmarks/e2e_sd21.py --threads 2 --unet-repeats 3 --vae-repeats 3
 
 ``sd21-base-arch`` has random weights: these are **speed** numbers only. One image with
 classifier-free guidance at 512x512 (64x64 latent):
 
 * components, each timed on its own: text encoder (batch 2: prompt + negative), **one U-Net
-  step** (batch 2) for the unpruned U-Net and for every 466M pruning plan, VAE decode (batch 1);
+  step** (batch 2) for the unpruned U-Net and for every pruning plan, VAE decode (batch 1) with
+  SD's ``AutoencoderKL`` and with the tiny decoder (``--tiny-decoder``, default on): a diffusers
+  ``AutoencoderTiny`` of the shape ``slimsd compress decoder`` distils at SD scale (TAESD's, 64
+  channels), random weights;
 * **bounded**: a few calls per component (``--te-repeats``, ``--unet-repeats``,
   ``--vae-repeats``); the whole generation is *not* run: total = text encoder + steps x U-Net
-  step + VAE decode (SD: 25 steps of the unpruned U-Net; ours: 8 steps of the pruned one). The
+  step + VAE decode (SD: 25 steps of the unpruned U-Net and the full decoder; ours: 8 steps of the
+  pruned one with the full and with the tiny decoder, and 4 steps with the tiny decoder). The
   scheduler maths between steps is not included (a few ms per step on 1x4x64x64 latents);
 * runtimes: torch eager (fp32) and ONNX Runtime (CPU, fp32) on the export in ``--onnx`` (a
-  ``slimsd export onnx sd21-base-arch`` folder, reused, never re-exported). The pruned U-Net is
-  exported on its own (U-Net only, same spec as the full export, no parity check) into
-  ``--pruned-onnx-root/<plan>/unet/`` the first time, for the plans ``--ort-plans`` selects;
+  ``slimsd export onnx sd21-base-arch`` folder, reused, never re-exported; when it is missing,
+  each component is exported on its own into it, same specs, no parity check). The pruned U-Nets
+  and the tiny decoder are exported the same way into ``--pruned-onnx-root/<plan>/unet/`` and
+  ``--pruned-onnx-root/tiny-decoder/vae_decoder/`` the first time, for the plans ``--ort-plans`` selects;
 * FLOPs per component are counted with ``torch.utils.flop_counter.FlopCounterMode`` on the
   meta device (no compute) and shown with the achieved FLOP/s as a share of this machine's
   fp32 matmul rate, measured here with the same threads.
 
-Pruning plans: the two 466M plans of ``benchmarks/results/prune_latency.json`` (the pruning
-issue: the paper's ``sensitivity`` policy and the latency-aware ``sensitivity-per-ms``) when that
-file exists; else the paper's policy on ``--report`` (a sensitivity report) when given or found
+Pruning plans: the paper's 466M plan and the chosen time-aware plan of
+``benchmarks/results/prune_front.json`` (``benchmarks/prune_front.py``) when that file exists; else
+the two 466M plans of ``--plans`` (``prune_latency.json``); else the paper's policy on ``--report`` (a sensitivity report) when given or found
 at ``runs/sens-tiny/sensitivity.json``; else a fallback: BK-SDM-Small's removals (485.8M) plus the
 removable blocks that bring it closest to 466M. The results say which.
 
@@ -39,12 +44,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from e2e_common import (ROOT, OrtComponents, TorchComponents, component_inputs, count_flops, export_unet_only,  # noqa: E402
-                        fmt_s, log, machine, matmul_peak, stats, time_calls, write_results)
+from e2e_common import (ROOT, OrtComponents, TorchComponents, component_inputs, count_flops,  # noqa: E402
+                        export_component_only, export_unet_only, fmt_s, log, machine, matmul_peak, stats, time_calls,
+                        write_results)
 
 TARGET = 466e6
 PAPER = {"A6000 Table 1 (avg. s/image)": (0.66, 0.26), "A6000 §4 text (s/image)": (0.92, 0.31)}
-SD_STEPS, OUR_STEPS = 25, 8
+SD_STEPS, OUR_STEPS, FEW_STEPS = 25, 8, 4
 
 
 def _slug(name: str) -> str:
@@ -64,8 +70,16 @@ def meta_unet_params(preset: str = "sd21-base-arch") -> tuple[dict, int, object]
     return {b.name: b for b in list_blocks(unet)}, sum(p.numel() for p in unet.parameters()), unet
 
 
-def pruning_plans(plans_json: Path, report: Path | None, preset: str = "sd21-base-arch") -> tuple[dict[str, list[str]], str]:
+def pruning_plans(plans_json: Path, report: Path | None, preset: str = "sd21-base-arch",
+                  front_json: Path | None = None) -> tuple[dict[str, list[str]], str]:
     """{plan name: removed blocks}, and where they came from."""
+    if front_json is not None and front_json.is_file():
+        data = json.loads(front_json.read_text())
+        if data.get("chosen"):
+            names = [data["paper_plan"], data["chosen"]]
+            return {n: data["plans"][n]["removed_blocks"] for n in names}, \
+                f"`{_rel(front_json)}` (the paper's 466M plan and the time-aware plan chosen there, made from " \
+                f"`{data.get('report')}`)"
     if plans_json.is_file():
         data = json.loads(plans_json.read_text())
         plans = {k: v["removed_blocks"] for k, v in data.get("plans", {}).items()}
@@ -102,6 +116,21 @@ def pruning_plans(plans_json: Path, report: Path | None, preset: str = "sd21-bas
          f"plus the blocks that bring the U-Net closest to 466M ({', '.join(removed[len(PRESETS['bk-small']):])})")
 
 
+def tiny_vae(vae, device=None):
+    """The ``AutoencoderTiny`` ``slimsd compress decoder`` distils from ``vae`` (random weights here)."""
+    from diffusers import AutoencoderTiny
+
+    from slimsd.compress.decoder import tiny_vae_config
+
+    cfg = tiny_vae_config(vae.config)
+    if device == "meta":
+        import torch
+
+        with torch.device("meta"):
+            return AutoencoderTiny(**cfg)
+    return AutoencoderTiny(**cfg).eval()
+
+
 def flops_meta(plans: dict[str, list[str]], dims, preset: str = "sd21-base-arch") -> dict:
     """FLOPs of every component (and every pruned U-Net) at 512x512, counted on the meta device."""
     import torch
@@ -121,6 +150,9 @@ def flops_meta(plans: dict[str, list[str]], dims, preset: str = "sd21-base-arch"
                       "unet": sum(p.numel() for p in unet.parameters()),
                       "vae_decoder": sum(p.numel() for p in vae.decoder.parameters()) +
                       sum(p.numel() for p in vae.post_quant_conv.parameters())}}
+    tiny = tiny_vae(vae, "meta")
+    out["vae_decoder:tiny"] = count_flops(lambda: tiny.decode(torch.randn(1, dims.latent_channels, lh, lw, device="meta")))
+    out["params"]["vae_decoder:tiny"] = sum(p.numel() for p in tiny.decoder.parameters())
     cfg = {k: v for k, v in unet.config.items() if not k.startswith("_") and k != "removed_blocks"}
     for name, removed in plans.items():
         with torch.device("meta"):
@@ -160,7 +192,11 @@ def interleaved(fns: dict, rep, warm, label: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--onnx", default=str(ROOT / "runs" / "onnx-sd21"), help="slimsd export onnx sd21-base-arch folder")
-    ap.add_argument("--plans", default=str(ROOT / "benchmarks" / "results" / "prune_latency.json"))
+    ap.add_argument("--front", default=str(ROOT / "benchmarks" / "results" / "prune_front.json"),
+                    help="benchmarks/prune_front.py's results: its paper plan and chosen time-aware plan")
+    ap.add_argument("--plans", default=str(ROOT / "benchmarks" / "results" / "prune_latency.json"),
+                    help="used when --front is missing")
+    ap.add_argument("--no-tiny-decoder", action="store_true", help="time only SD's AutoencoderKL decoder")
     ap.add_argument("--report", default=None, help="sensitivity report for the fallback plan")
     ap.add_argument("--pruned-onnx-root", default=str(ROOT / "runs" / "onnx-sd21-pruned"))
     ap.add_argument("--ort-plans", default="first", choices=("first", "all", "none"),
@@ -195,7 +231,8 @@ def main() -> None:
     log(f"load average before: {before['load_average']}")
     peak = matmul_peak(a.threads)
     log(f"fp32 matmul ({a.threads} threads): {peak['gflops']:.1f} GFLOP/s")
-    plans, plans_source = pruning_plans(Path(a.plans), Path(a.report) if a.report else None, a.preset)
+    plans, plans_source = pruning_plans(Path(a.plans), Path(a.report) if a.report else None, a.preset,
+                                        Path(a.front) if a.front else None)
     log(f"plans: {plans_source}: {list(plans)}")
     onnx_dir = Path(a.onnx)
     dims = ModelDims.from_folder(onnx_dir) if (onnx_dir / "manifest.json").is_file() else None
@@ -208,8 +245,8 @@ def main() -> None:
     inputs = component_inputs(dims)
     times: dict[str, dict] = {"torch": {}, "onnxruntime": {}}
 
-    def rep(name):  # "unet" and "unet:<plan>" get --unet-repeats
-        return {"text_encoder": a.te_repeats, "vae_decoder": a.vae_repeats}.get(name, a.unet_repeats)
+    def rep(name):  # "unet" and "unet:<plan>" get --unet-repeats, both decoders --vae-repeats
+        return a.vae_repeats if name.startswith("vae_decoder") else {"text_encoder": a.te_repeats}.get(name, a.unet_repeats)
 
     def warm(name):
         return 1 if name == "text_encoder" else a.warmup
@@ -221,29 +258,43 @@ def main() -> None:
     unet, vae, te, _, _ = build_components(a.preset)
     tc = TorchComponents(te, unet, vae)
     fns = {c: tc.fn(c, inputs[c]) for c in ("text_encoder", "unet", "vae_decoder")}
+    tiny = None if a.no_tiny_decoder else tiny_vae(vae)
+    if tiny is not None:
+        fns["vae_decoder:tiny"] = TorchComponents(te, unet, tiny).fn("vae_decoder", inputs["vae_decoder"])
     ort_plans = {"first": list(plans)[:1], "all": list(plans), "none": []}[a.ort_plans] if not a.no_ort else []
     pruned_onnx = {}
-    spec = component_specs(onnx_dir)["unet"] if (onnx_dir / "manifest.json").is_file() else None
+    has_export = (onnx_dir / "manifest.json").is_file()
+    specs = component_specs(onnx_dir if has_export else dims, dtype="float32" if not has_export else None,
+                            dynamic_hw=False if not has_export else None)
+    spec = specs["unet"] if not a.no_ort else None
+    opset = json.loads((onnx_dir / "manifest.json").read_text())["export"]["opset"] if has_export else 17
+    standalone = {}
+    if not a.no_ort and not has_export:  # each component alone, same specs, no parity check
+        for c, m in (("text_encoder", te), ("unet", unet), ("vae_decoder", vae)):
+            standalone[c] = export_component_only(m, c, specs[c], onnx_dir, opset)
+            log(f"exported {c} to {standalone[c]}")
+    if not a.no_ort and tiny is not None:
+        pruned_onnx["vae_decoder:tiny"] = export_component_only(tiny, "vae_decoder", specs["vae_decoder"],
+                                                                Path(a.pruned_onnx_root) / "tiny-decoder", opset)
     pruned_modules = []
     for name, removed in plans.items():
         pruned = PrunedUNet2DConditionModel.from_unet(unet, removed).eval()
         if name in ort_plans and spec is not None:
-            opset = json.loads((onnx_dir / "manifest.json").read_text())["export"]["opset"]
-            pruned_onnx[name] = export_pruned_unet(pruned, spec, Path(a.pruned_onnx_root) / _slug(name), opset)
+            pruned_onnx[f"unet:{name}"] = export_pruned_unet(pruned, spec, Path(a.pruned_onnx_root) / _slug(name), opset)
         pruned_modules.append(pruned)
         fns[f"unet:{name}"] = TorchComponents(te, pruned, vae).fn("unet", inputs["unet"])
     times["torch"] = interleaved(fns, rep, warm, "torch")
-    del unet, vae, te, tc, fns, pruned_modules
+    del unet, vae, te, tc, fns, pruned_modules, tiny
     gc.collect()
     # -- ONNX Runtime ------------------------------------------------------------------------------
     ort_load = {}
     if not a.no_ort:
         paths = {c: onnx_dir / c / "model.onnx" for c in ("text_encoder", "unet", "vae_decoder")}
-        paths.update({f"unet:{name}": p for name, p in pruned_onnx.items()})
+        paths.update(pruned_onnx)
         oc = OrtComponents(paths, a.threads)
         ort_load = oc.load_s
         log("onnxruntime sessions loaded: " + ", ".join(f"{k} {v:.0f} s" for k, v in ort_load.items()))
-        fns = {c: oc.fn(c, inputs["unet" if c.startswith("unet") else c]) for c in paths}
+        fns = {c: oc.fn(c, inputs[c.split(":")[0]]) for c in paths}
         times["onnxruntime"] = interleaved(fns, rep, warm, "onnxruntime")
         del oc, fns
         gc.collect()
@@ -263,18 +314,30 @@ def main() -> None:
 
 
 def totals(r: dict) -> dict:
-    """Per runtime: SD (25 x unpruned) and each plan (8 x pruned) totals, and the speedups."""
+    """Per runtime: SD (25 x unpruned U-Net + full decoder) and each plan at 8 steps (full and tiny
+    decoder) and 4 steps (tiny decoder), each with its speedup over SD in the same runtime."""
     out = {}
     for rt, t in r["times"].items():
         if not all(c in t for c in ("text_encoder", "unet", "vae_decoder")):
             continue
-        fixed = t["text_encoder"]["median_s"] + t["vae_decoder"]["median_s"]
-        sd = fixed + SD_STEPS * t["unet"]["median_s"]
-        row = {"SD v2.1-base, 25 steps": sd}
+        te = t["text_encoder"]["median_s"]
+        dec = {"full": t["vae_decoder"]["median_s"]}
+        if "vae_decoder:tiny" in t:
+            dec["tiny"] = t["vae_decoder:tiny"]["median_s"]
+        sd = te + dec["full"] + SD_STEPS * t["unet"]["median_s"]
+        rows = [{"plan": "SD v2.1-base", "steps": SD_STEPS, "decoder": "full", "total_s": sd}]
         for name in r["plans"]:
-            if f"unet:{name}" in t:
-                row[f"{name}, 8 steps"] = fixed + OUR_STEPS * t[f"unet:{name}"]["median_s"]
-        out[rt] = {"total_s": row, "speedup": {k: sd / v for k, v in row.items()}}
+            if f"unet:{name}" not in t:
+                continue
+            step = t[f"unet:{name}"]["median_s"]
+            rows.append({"plan": name, "steps": OUR_STEPS, "decoder": "full", "total_s": te + dec["full"] + OUR_STEPS * step})
+            if "tiny" in dec:
+                for n in (OUR_STEPS, FEW_STEPS):
+                    rows.append({"plan": name, "steps": n, "decoder": "tiny", "total_s": te + dec["tiny"] + n * step})
+        for x in rows:
+            x["speedup"] = sd / x["total_s"]
+        out[rt] = {"rows": rows, "unet_step_speedup": {n: t["unet"]["median_s"] / t[f"unet:{n}"]["median_s"]
+                                                       for n in r["plans"] if f"unet:{n}" in t}}
     return out
 
 
@@ -283,13 +346,13 @@ def markdown(r: dict) -> str:
 
     fl, t, peak = r["flops"], r["times"], r["matmul_peak"]
     busy = r["machine"]["load_average_before"][0] > 0.75 * (r["machine"]["logical_cores"] or 1)
-    L = ["# End to end at 512x512, SD v2.1-base architecture: 25 steps vs the 466M pruned U-Net at 8 steps", "",
+    L = ["# End to end at 512x512, SD v2.1-base architecture: 25 steps vs pruned U-Nets at 8 and 4 steps", "",
          "Random weights (`sd21-base-arch`): speed only. One image with classifier-free guidance. **Bounded**: each "
          "component is timed on its own for a few calls, all components of a runtime in interleaved rounds "
          f"(text encoder {r['repeats']['text_encoder']} after 1 warm-up, U-Net step {r['repeats']['unet']}, "
          f"VAE decode {r['repeats']['vae_decoder']}; {r['repeats']['warmup']} untimed warm-up calls for U-Net/VAE) and "
          "the total is **computed**: text encoder + steps x one U-Net step + VAE decode (scheduler maths between steps "
-         "not included: a few ms per step).", "",
+         "not included: a few ms per step). Each time is the median of its interleaved repeats.", "",
          f"Machine: {describe(r['machine'])} (load average before: "
          f"{' / '.join(str(x) for x in r['machine']['load_average_before'])}).", "",
          f"Command: `{r['command']}` ({r['wall_s'] / 60:.0f} min wall).", ""]
@@ -306,34 +369,34 @@ def markdown(r: dict) -> str:
         L.append(f"* **{name}** ({fl['params'][f'unet:{name}']:,} U-Net params, {len(removed)} blocks removed): "
                  f"{', '.join(removed)}")
     L += ["", "## Totals (one 512x512 image)", "",
-          "| runtime | model | U-Net params | steps | total | speedup vs SD 25 steps (same runtime) |",
-          "|---|---|---:|---:|---:|---:|"]
+          "| runtime | model | U-Net params | steps | decoder | total | speedup vs SD 25 steps (same runtime) |",
+          "|---|---|---:|---:|---|---:|---:|"]
     for rt, x in r["totals"].items():
-        for k, v in x["total_s"].items():
-            plan = k.rsplit(", ", 1)[0]
-            params = fl["params"]["unet"] if plan.startswith("SD") else fl["params"][f"unet:{plan}"]
-            steps = SD_STEPS if plan.startswith("SD") else OUR_STEPS
-            L.append(f"| {rt} | {plan} | {params / 1e6:.0f}M | {steps} | {fmt_s(v)} | **{x['speedup'][k]:.2f}x** |")
-    fixed_f = fl["text_encoder"] + fl["vae_decoder"]
-    sd_f = fixed_f + SD_STEPS * fl["unet"]
+        for row in x["rows"]:
+            key = "unet" if row["plan"].startswith("SD") else f"unet:{row['plan']}"
+            L.append(f"| {rt} | {row['plan']} | {fl['params'][key] / 1e6:.0f}M | {row['steps']} | {row['decoder']} | "
+                     f"{fmt_s(row['total_s'])} | **{row['speedup']:.2f}x** |")
+    dec_f = {"full": fl["vae_decoder"], "tiny": fl.get("vae_decoder:tiny")}
+    sd_f = fl["text_encoder"] + dec_f["full"] + SD_STEPS * fl["unet"]
     for name in r["plans"]:
-        ours_f = fixed_f + OUR_STEPS * fl[f"unet:{name}"]
-        L.append(f"| FLOP count (no timing) | {name} vs SD | | 8 vs 25 | {ours_f / 1e12:.1f} vs {sd_f / 1e12:.1f} TFLOP | "
-                 f"**{sd_f / ours_f:.2f}x** |")
+        for steps, d in ((OUR_STEPS, "full"), (OUR_STEPS, "tiny"), (FEW_STEPS, "tiny")):
+            if dec_f[d] is None:
+                continue
+            ours_f = fl["text_encoder"] + dec_f[d] + steps * fl[f"unet:{name}"]
+            L.append(f"| FLOP count (no timing) | {name} vs SD | | {steps} vs 25 | {d} | {ours_f / 1e12:.1f} vs "
+                     f"{sd_f / 1e12:.1f} TFLOP | **{sd_f / ours_f:.2f}x** |")
     if "torch" in r["totals"] and "onnxruntime" in r["totals"]:
-        sd_torch = r["totals"]["torch"]["total_s"]["SD v2.1-base, 25 steps"]
-        for k, v in r["totals"]["onnxruntime"]["total_s"].items():
-            if not k.startswith("SD"):
-                L.append(f"| onnxruntime vs SD torch eager | {k.rsplit(', ', 1)[0]} | | 8 | {fmt_s(v)} | "
-                         f"**{sd_torch / v:.2f}x** |")
+        sd_torch = r["totals"]["torch"]["rows"][0]["total_s"]
+        for row in r["totals"]["onnxruntime"]["rows"][1:]:
+            L.append(f"| onnxruntime vs SD torch eager (product view) | {row['plan']} | | {row['steps']} | {row['decoder']} | "
+                     f"{fmt_s(row['total_s'])} | **{sd_torch / row['total_s']:.2f}x** |")
+    L += ["", "U-Net step speedup over SD's (same runtime): " + "; ".join(
+        f"{rt}: " + ", ".join(f"{n} {v:.2f}x" for n, v in x["unet_step_speedup"].items()) for rt, x in r["totals"].items()) + "."]
     for name in r["plans"]:
         L += ["", f"Where it comes from ({name}): the pruned U-Net has {fl['params'][f'unet:{name}'] / fl['params']['unet']:.0%} "
-              f"of the parameters but {fl[f'unet:{name}'] / fl['unet']:.0%} of the FLOPs per step (the removed blocks "
-              f"sit mostly at low resolution), so most of the speedup is 25 -> 8 steps; the VAE decode alone "
-              f"costs {fl['vae_decoder'] / fl['unet']:.1f} SD U-Net steps of FLOPs and is "
-              f"{fixed_f / (fixed_f + OUR_STEPS * fl[f'unet:{name}']):.0%} of the 8-step model's FLOPs, a fixed cost "
-              f"that pulls the end-to-end ratio below the U-Net loop's own "
-              f"{SD_STEPS * fl['unet'] / (OUR_STEPS * fl[f'unet:{name}']):.2f}x (FLOPs)."]
+              f"of the parameters and {fl[f'unet:{name}'] / fl['unet']:.0%} of the FLOPs per step; SD's VAE decode alone "
+              f"costs {fl['vae_decoder'] / fl['unet']:.1f} SD U-Net steps of FLOPs"
+              + (f", the tiny decoder {fl['vae_decoder:tiny'] / fl['unet']:.2f}" if fl.get("vae_decoder:tiny") else "") + "."]
     L += ["", "Paper (A6000 GPU, fp16, real weights): " + "; ".join(
         f"{k}: {a:.2f} s -> {b:.2f} s = {a / b:.2f}x" for k, (a, b) in r["paper"].items()) +
         "; the paper states **3.0x**.", "",
@@ -343,7 +406,8 @@ def markdown(r: dict) -> str:
         "`FlopCounterMode` on the meta device (matmul / conv / attention, 1 MAC = 2 FLOPs).", "",
         "| component | params | GFLOP | torch eager | ORT | torch GFLOP/s (% of matmul) | ORT GFLOP/s (%) |",
         "|---|---:|---:|---:|---:|---:|---:|"]
-    names = ["text_encoder", "unet"] + [f"unet:{n}" for n in r["plans"]] + ["vae_decoder"]
+    names = ["text_encoder", "unet"] + [f"unet:{n}" for n in r["plans"]] + ["vae_decoder"] + \
+        (["vae_decoder:tiny"] if "vae_decoder:tiny" in fl else [])
     for c in names:
         f = fl[c]
         cells = []
@@ -352,7 +416,8 @@ def markdown(r: dict) -> str:
             cells.append((fmt_s(x["median_s"]), f"{f / x['median_s'] / 1e9:.1f} ({100 * f / x['median_s'] / 1e9 / peak['gflops']:.0f}%)")
                          if x else ("not run", ""))
         label = {"text_encoder": "text encoder (batch 2)", "unet": "U-Net step, SD (batch 2)",
-                 "vae_decoder": "VAE decode (batch 1)"}.get(c, f"U-Net step, {c[5:]} (batch 2)")
+                 "vae_decoder": "VAE decode, AutoencoderKL (batch 1)",
+                 "vae_decoder:tiny": "VAE decode, tiny AutoencoderTiny (batch 1)"}.get(c, f"U-Net step, {c[5:]} (batch 2)")
         L.append(f"| {label} | {fl['params'][c] / 1e6:.0f}M | {f / 1e9:,.0f} | {cells[0][0]} | {cells[1][0]} | "
                  f"{cells[0][1]} | {cells[1][1]} |")
     if r.get("ort_load_s"):

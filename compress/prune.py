@@ -13,8 +13,10 @@ higher-is-better ones, e.g. FD and alignment, or FID and CLIP score):
 ============================  ===================================================
 
 Budgets: keep a fraction / number of U-Net parameters (``--keep-params 0.54`` or
-``--target-params 466e6``) or a latency (``--target-latency-ms``). Blocks are taken in policy
-order and skipped when they would overshoot the budget by more than ``tolerance``.
+``--target-params 466e6``), a latency (``--target-latency-ms``) or a U-Net step speedup
+(``--target-speedup 1.35``: the latency budget is the measured unpruned step / 1.35). Blocks are
+taken in policy order and skipped when they would overshoot a parameter budget by more than
+``tolerance``. :func:`pruning_front` sweeps the latency budget: the quality/latency front.
 
 Presets reproduce BK-SDM's removals on SD-v2-structured U-Nets (``bk-base``, ``bk-small``,
 ``bk-tiny``; their U-Net parameter counts on SD v2.1-base are BK-SDM's published ones, tested,
@@ -75,7 +77,7 @@ def _policy_order(rows: list[dict], policy: str, unpruned: dict, params: dict, l
 
 def plan_pruning(report: dict, policy: str = "sensitivity", keep_params: float | None = None,
                  target_params: int | None = None, target_latency_ms: float | None = None,
-                 latency_ms: dict | None = None, params: dict | None = None, total_params: int | None = None,
+                 target_speedup: float | None = None, latency_ms: dict | None = None, params: dict | None = None, total_params: int | None = None,
                  total_latency_ms: float | None = None, tolerance: float = 0.02) -> dict:
     """Pick blocks greedily in policy order until the budget is met.
 
@@ -95,8 +97,16 @@ def plan_pruning(report: dict, policy: str = "sensitivity", keep_params: float |
     latency_ms = latency_ms or {r["name"]: r.get("latency_ms") or 0.0 for r in report["blocks"]}
     total_params = total_params or report["unet_params"]
     total_latency_ms = total_latency_ms or report.get("unet_latency_ms")
-    if sum(x is not None for x in (keep_params, target_params, target_latency_ms)) != 1:
-        raise ValueError("give exactly one budget: --keep-params, --target-params or --target-latency-ms")
+    if sum(x is not None for x in (keep_params, target_params, target_latency_ms, target_speedup)) != 1:
+        raise ValueError("give exactly one budget: --keep-params, --target-params, --target-latency-ms or --target-speedup")
+    if target_speedup is not None:
+        if not target_speedup >= 1:
+            raise ValueError(f"--target-speedup must be >= 1, got {target_speedup}")
+        if not total_latency_ms:
+            raise ValueError("--target-speedup needs the unpruned U-Net's measured step latency")
+        target_latency_ms = total_latency_ms / target_speedup
+    if target_latency_ms is not None and not target_latency_ms > 0:
+        raise ValueError(f"--target-latency-ms must be > 0, got {target_latency_ms}")
     if keep_params is not None:
         if not 0 < keep_params <= 1:
             raise ValueError(f"--keep-params must be a fraction in (0, 1], got {keep_params}")
@@ -136,18 +146,54 @@ def plan_pruning(report: dict, policy: str = "sensitivity", keep_params: float |
     return {
         "policy": policy,
         "removed_blocks": chosen,
-        "budget": {"target_params": target_params, "target_latency_ms": target_latency_ms, "tolerance": tolerance},
+        "budget": {"target_params": target_params, "target_latency_ms": target_latency_ms,
+                   "target_speedup": target_speedup, "tolerance": tolerance},
         "met": bool(met),
         "unet_params": {"before": total_params, "after": cur_p, "kept_fraction": cur_p / total_params},
         "est_block_latency_saved_ms": sum(latency_ms.get(n, 0.0) for n in chosen),
+        # the step speedup the block timings predict (the real one: time the pruned U-Net)
+        "est_speedup": (total_latency_ms / max(total_latency_ms - sum(latency_ms.get(n, 0.0) for n in chosen), 1e-9)
+                        if total_latency_ms else None),
         "damage_sum": sum(damage(r, report["unpruned"]) for r in rows if r["name"] in chosen),
         "source_report_model": report.get("model"),
     }
 
 
+def pruning_front(report: dict, speedups, policy: str = "sensitivity-per-ms", **costs) -> list[dict]:
+    """The quality/latency front: one plan per U-Net step speedup target (``speedups``, e.g.
+    1.1 ... 1.6), each the cheapest in ``damage`` that the policy finds for that latency budget.
+    ``costs``: the target model's ``params`` / ``latency_ms`` / ``total_params`` /
+    ``total_latency_ms`` (see :func:`plan_pruning`). Plans that a larger target reproduces exactly
+    are kept once (the smallest target that gives them)."""
+    out, seen = [], set()
+    for s in sorted(speedups):
+        p = plan_pruning(report, policy, target_speedup=float(s), **costs)
+        key = frozenset(p["removed_blocks"])
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def plan_damage(report: dict, removed: list[str]) -> dict:
+    """The report's single-block damage summed over ``removed`` (an additive estimate: blocks
+    removed together can interact), in total and per metric (relative FD increase, relative
+    alignment drop...), and the removed blocks the report has no score for."""
+    from slimsd.compress.sensitivity import METRIC_DIRECTION
+
+    rows = {r["name"]: r for r in report["blocks"]}
+    unpruned, per = report["unpruned"], {}
+    for m, sign in METRIC_DIRECTION.items():
+        if m in unpruned:
+            base = abs(unpruned[m]) or 1e-8
+            per[m] = sum(-sign * (rows[n][m] - unpruned[m]) / base for n in removed if n in rows and m in rows[n])
+    return {"damage_sum": sum(per.values()), "per_metric": per,
+            "unscored": [n for n in removed if n not in rows or not any(m in rows[n] for m in per)]}
+
+
 # the options of a prune plan: `slimsd compress prune` flags and a build config's ``prune`` keys
-PLAN_OPTIONS = ("preset", "blocks", "policy", "keep_params", "target_params", "target_latency_ms", "tolerance",
-                "latent_size")
+PLAN_OPTIONS = ("preset", "blocks", "policy", "keep_params", "target_params", "target_latency_ms", "target_speedup",
+                "tolerance", "latent_size")
 
 
 def plan_from_config(model: str, options: dict, report: str | Path | None = None) -> dict:
@@ -171,14 +217,15 @@ def plan_from_config(model: str, options: dict, report: str | Path | None = None
         raise ValueError("a prune plan needs a preset, a block list or a sensitivity report")
     scores = json.loads(Path(report).read_text())
     policy = opt.get("policy", "sensitivity")
-    need_latency = policy == "sensitivity-per-ms" or "target_latency_ms" in opt
+    need_latency = policy == "sensitivity-per-ms" or "target_latency_ms" in opt or "target_speedup" in opt
     params, lat, total, total_ms = unet_block_costs(model, need_latency, opt.get("latent_size"))
     tp = opt.get("target_params")
     if tp is not None and float(tp) <= 0:
         raise ValueError(f"--target-params must be > 0, got {tp}")
     plan = plan_pruning(scores, policy, keep_params=opt.get("keep_params"),
                         target_params=int(float(tp)) if tp is not None else None,
-                        target_latency_ms=opt.get("target_latency_ms"), latency_ms=lat or None, params=params,
+                        target_latency_ms=opt.get("target_latency_ms"), target_speedup=opt.get("target_speedup"),
+                        latency_ms=lat or None, params=params,
                         total_params=total, total_latency_ms=total_ms, tolerance=opt.get("tolerance", 0.02))
     plan["sensitivity_report"] = str(report)
     return plan

@@ -216,6 +216,8 @@ def _add_compress(sub):
     r.add_argument("--keep-params", type=float, default=None, help="fraction of U-Net params to keep, e.g. 0.54")
     r.add_argument("--target-params", type=float, default=None, help="U-Net params to keep, e.g. 466e6")
     r.add_argument("--target-latency-ms", type=float, default=None, help="U-Net step latency to reach on this machine")
+    r.add_argument("--target-speedup", type=float, default=None,
+                   help="U-Net step speedup to reach on this machine, e.g. 1.35 (latency budget = unpruned step / this)")
     r.add_argument("--tolerance", type=float, default=0.02)
     r.add_argument("--latent-size", type=int, default=None, help="latent size for latency (default: the U-Net's)")
     r.add_argument("--plan-only", action="store_true", help="write the plan JSON, not the pipeline")

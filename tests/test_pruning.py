@@ -187,3 +187,31 @@ def test_latency_policy_breaks_ties_by_milliseconds_saved():
     rows = [dict(name="fast", params=300, latency_ms=1.0, fd=10.0, alignment=0.9),   # no damage, saves 1 ms
             dict(name="slow", params=300, latency_ms=9.0, fd=10.0, alignment=0.9)]   # no damage, saves 9 ms
     assert plan_pruning(_report(rows), "sensitivity-per-ms", target_params=700)["removed_blocks"] == ["slow"]
+
+
+def test_speedup_budget_is_the_measured_step_over_the_target_and_the_front_sweeps_it():
+    from slimsd.compress.prune import plan_damage, pruning_front
+
+    rows = [  # total step 100 ms; block a is damage-free but slow, b cheap in damage per ms, c damaging
+        dict(name="a", params=100, latency_ms=20.0, fd=10.0, alignment=0.90),
+        dict(name="b", params=100, latency_ms=10.0, fd=10.2, alignment=0.90),  # damage 0.02
+        dict(name="c", params=100, latency_ms=10.0, fd=11.0, alignment=0.81),  # damage 0.1 + 0.1
+    ]
+    rep = _report(rows)
+    p = plan_pruning(rep, "sensitivity-per-ms", target_speedup=1.25)  # budget 80 ms: a alone saves 20
+    assert p["removed_blocks"] == ["a"] and p["met"]
+    assert p["budget"]["target_latency_ms"] == pytest.approx(80.0)
+    assert p["est_speedup"] == pytest.approx(100 / 80)
+    p = plan_pruning(rep, "sensitivity-per-ms", target_speedup=1.5)  # 66.7 ms: a, b, then c
+    assert p["removed_blocks"] == ["a", "b", "c"]
+    front = pruning_front(rep, [1.1, 1.25, 1.3, 1.5])
+    assert [f["removed_blocks"] for f in front] == [["a"], ["a", "b"], ["a", "b", "c"]]  # 1.25 repeats 1.1: kept once
+    d = plan_damage(rep, ["b", "c"])
+    assert d["per_metric"]["fd"] == pytest.approx(0.02 + 0.1) and d["per_metric"]["alignment"] == pytest.approx(0.1)
+    assert d["damage_sum"] == pytest.approx(0.22) and d["unscored"] == []
+    assert plan_damage(rep, ["zz"])["unscored"] == ["zz"]
+    for bad in (0.9, float("nan")):
+        with pytest.raises(ValueError, match="--target-speedup"):
+            plan_pruning(rep, "sensitivity-per-ms", target_speedup=bad)
+    with pytest.raises(ValueError, match="exactly one budget"):
+        plan_pruning(rep, "sensitivity-per-ms", target_speedup=1.2, target_latency_ms=50)
