@@ -45,16 +45,18 @@ _BK_TINY = _BK_SMALL + ["down.3.res.0", "up.0.res.0", "up.0.res.2", "down.2.down
 PRESETS = {"bk-base": _BK_BASE, "bk-small": _BK_SMALL, "bk-tiny": _BK_TINY}
 
 
-def damage(row: dict, unpruned: dict) -> float:
-    """Relative quality loss of one ablated block (0 = none; can be < 0 if it helps)."""
+def damage_terms(row: dict, unpruned: dict) -> dict[str, float]:
+    """Per metric, the relative quality loss of one ablated block (relative FD increase, relative
+    alignment drop, ...; < 0 where removing it helps)."""
     from slimsd.compress.sensitivity import METRIC_DIRECTION
 
-    d = 0.0
-    for m, sign in METRIC_DIRECTION.items():
-        if m in row and m in unpruned:
-            base = abs(unpruned[m]) or 1e-8
-            d += -sign * (row[m] - unpruned[m]) / base
-    return d
+    return {m: -sign * (row[m] - unpruned[m]) / (abs(unpruned[m]) or 1e-8)
+            for m, sign in METRIC_DIRECTION.items() if m in row and m in unpruned}
+
+
+def damage(row: dict, unpruned: dict) -> float:
+    """Relative quality loss of one ablated block (0 = none; can be < 0 if it helps)."""
+    return sum(damage_terms(row, unpruned).values())
 
 
 def _policy_order(rows: list[dict], policy: str, unpruned: dict, params: dict, latency_ms: dict) -> list[dict]:
@@ -143,6 +145,7 @@ def plan_pruning(report: dict, policy: str = "sensitivity", keep_params: float |
             if ok2:
                 chosen, cur_p, met = c2, p2, ok2
                 break
+    saved_ms = sum(latency_ms.get(n, 0.0) for n in chosen)
     return {
         "policy": policy,
         "removed_blocks": chosen,
@@ -150,10 +153,9 @@ def plan_pruning(report: dict, policy: str = "sensitivity", keep_params: float |
                    "target_speedup": target_speedup, "tolerance": tolerance},
         "met": bool(met),
         "unet_params": {"before": total_params, "after": cur_p, "kept_fraction": cur_p / total_params},
-        "est_block_latency_saved_ms": sum(latency_ms.get(n, 0.0) for n in chosen),
+        "est_block_latency_saved_ms": saved_ms,
         # the step speedup the block timings predict (the real one: time the pruned U-Net)
-        "est_speedup": (total_latency_ms / max(total_latency_ms - sum(latency_ms.get(n, 0.0) for n in chosen), 1e-9)
-                        if total_latency_ms else None),
+        "est_speedup": total_latency_ms / max(total_latency_ms - saved_ms, 1e-9) if total_latency_ms else None,
         "damage_sum": sum(damage(r, report["unpruned"]) for r in rows if r["name"] in chosen),
         "source_report_model": report.get("model"),
     }
@@ -179,16 +181,16 @@ def plan_damage(report: dict, removed: list[str]) -> dict:
     """The report's single-block damage summed over ``removed`` (an additive estimate: blocks
     removed together can interact), in total and per metric (relative FD increase, relative
     alignment drop...), and the removed blocks the report has no score for."""
-    from slimsd.compress.sensitivity import METRIC_DIRECTION
-
     rows = {r["name"]: r for r in report["blocks"]}
-    unpruned, per = report["unpruned"], {}
-    for m, sign in METRIC_DIRECTION.items():
-        if m in unpruned:
-            base = abs(unpruned[m]) or 1e-8
-            per[m] = sum(-sign * (rows[n][m] - unpruned[m]) / base for n in removed if n in rows and m in rows[n])
-    return {"damage_sum": sum(per.values()), "per_metric": per,
-            "unscored": [n for n in removed if n not in rows or not any(m in rows[n] for m in per)]}
+    per = {m: 0.0 for m in damage_terms(report["unpruned"], report["unpruned"])}
+    unscored = []
+    for n in removed:
+        terms = damage_terms(rows[n], report["unpruned"]) if n in rows else {}
+        if not terms:
+            unscored.append(n)
+        for m, v in terms.items():
+            per[m] += v
+    return {"damage_sum": sum(per.values()), "per_metric": per, "unscored": unscored}
 
 
 # the options of a prune plan: `slimsd compress prune` flags and a build config's ``prune`` keys
