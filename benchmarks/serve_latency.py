@@ -13,21 +13,32 @@ through the U-Net), 1 user:
   base64, the socket. ``--server process`` (default) runs it as its own process, as it is
   deployed (a client is never inside the server); ``--server thread`` runs the app under uvicorn
   in a thread of this process, where the client's and the server's Python share one GIL;
+* ``http_stdlib`` = the same request through Python's ``http.client`` (keep-alive): the share of
+  ``http`` that is httpx's own client-side work;
 * ``server`` = the ``total`` of the response's ``Server-Timing`` header (arrival at the route to the
-  images, without PNG and the socket), ``inference`` its backend time.
+  serialized response body, PNG included; the socket and uvicorn not), ``inference`` its backend time.
 
-Calls are interleaved (pipeline, http, pipeline, ...) so that load from other processes hits both
-alike; median and p90 over ``--repeats`` pairs after 3 warm-up pairs. ``http / pipeline`` is the
-serving overhead (target: p50 within 1.05x). The load average before and after is recorded: on a
-shared machine other processes inflate every number.
+``--cpus 0`` pins this process and the server it starts to the same core(s). On a virtual machine
+whose cores run at different speeds (another tenant on a sibling hyperthread) an unpinned client
+and server can land on different cores, and then ``http / pipeline`` compares two cores rather
+than HTTP with no HTTP: pin on such machines, and the record says so.
+
+Calls are interleaved (pipeline, http, http_stdlib, then the next round in a rotated order) so
+that load from other processes and cold caches hit all alike; median and p90 over ``--repeats``
+rounds after 3 warm-up rounds. ``http / pipeline`` (p50 over p50) is the issue's measure of the
+serving overhead (target: within 1.05x). ``paired_http_over_inference`` is the median over requests
+of the round trip over the inference the server timed for *that* request: the same process and
+cache state, so the machine's speed changes cancel (on a VM whose speed jumps between runs, the
+p50 ratio of two separately timed calls moves by more than the 5% it is meant to resolve). The load
+average before and after is recorded: on a shared machine other processes inflate every number.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -42,6 +53,17 @@ def _stats(xs: list[float]) -> dict:
     return {"median_ms": round(1000 * statistics.median(xs), 1),
             "p90_ms": round(1000 * xs[min(len(xs) - 1, int(0.9 * len(xs)))], 1),
             "min_ms": round(1000 * xs[0], 1)}
+
+
+def _server_timing(header: str) -> dict[str, float]:
+    """``Server-Timing: queue;dur=0.2, inference;dur=61.0, ...`` -> seconds by name."""
+    return {k.strip(): float(v) / 1000 for k, v in (p.split(";dur=") for p in header.split(","))}
+
+
+def _paired(a: list[float], b: list[float]) -> dict:
+    """Median of the per-request ratios a_i / b_i and of the differences, in ms."""
+    return {"median_ratio": round(statistics.median(x / y for x, y in zip(a, b)), 3),
+            "median_extra_ms": round(1000 * statistics.median(x - y for x, y in zip(a, b)), 2)}
 
 
 def _free_port() -> int:
@@ -161,25 +183,54 @@ def measure(model: str, backend: str, repeats: int, threads: int | None, users: 
     pipe = load_served_pipeline(settings)
     steps, guidance = pipe.defaults.steps, pipe.defaults.guidance
     prompt = "a red circle left of a blue square"
-    direct, http, server, inference = [], [], [], []
+    times = {k: [] for k in ("pipeline", "http", "http_stdlib", "server", "inference", "inference_stdlib")}
     with _server(mode, settings, pipe) as srv, httpx.Client(base_url=srv.url, timeout=600) as c:
-        for i in range(-3, repeats):
-            t0 = time.perf_counter()
-            pipe.generate([prompt], None, [max(i, 0)])
-            t1 = time.perf_counter()
-            r = c.post("/v1/images/generations", json={"prompt": prompt, "seed": max(i, 0)})
-            t2 = time.perf_counter()
+        raw = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=600)
+
+        def direct(seed: int) -> dict:
+            pipe.generate([prompt], None, [seed])
+            return {}
+
+        def via_httpx(seed: int) -> dict:
+            r = c.post("/v1/images/generations", json={"prompt": prompt, "seed": seed})
             assert r.status_code == 200, r.text
-            if i < 0:
-                continue  # warm-up
-            timing = dict(p.strip().split(";dur=") for p in r.headers["server-timing"].split(","))
-            direct.append(t1 - t0)
-            http.append(t2 - t1)
-            server.append(float(timing["total"]) / 1000)
-            inference.append(float(timing["inference"]) / 1000)
+            return _server_timing(r.headers["server-timing"])
+
+        def via_stdlib(seed: int) -> dict:
+            raw.request("POST", "/v1/images/generations", json.dumps({"prompt": prompt, "seed": seed}),
+                        {"Content-Type": "application/json"})
+            rr = raw.getresponse()
+            data = rr.read()
+            assert rr.status == 200, data[:500]
+            return _server_timing(rr.getheader("server-timing"))
+
+        calls = [("pipeline", direct), ("http", via_httpx), ("http_stdlib", via_stdlib)]
+        for i in range(-3, repeats):
+            seed = max(i, 0)
+            # rotate the order every round: a call right after the other process's run finds its caches
+            # cold (on a small machine the two processes' weights evict each other), so no method may
+            # always be the one that follows the pipeline
+            for name, fn in calls[i % 3:] + calls[:i % 3]:
+                t0 = time.perf_counter()
+                timing = fn(seed)
+                dt = time.perf_counter() - t0
+                if i < 0:
+                    continue  # warm-up
+                times[name].append(dt)
+                if name == "http":
+                    times["server"].append(timing["total"])
+                    times["inference"].append(timing["inference"])
+                elif name == "http_stdlib":
+                    times["inference_stdlib"].append(timing["inference"])
+        raw.close()
     out = {"model": model, "backend": backend, "steps": steps, "guidance": guidance, "image": list(pipe.image_size),
-           "pipeline": _stats(direct), "http": _stats(http), "server": _stats(server), "inference": _stats(inference)}
+           **{k: _stats(v) for k, v in times.items()}}
     out["http_over_pipeline_p50"] = round(out["http"]["median_ms"] / out["pipeline"]["median_ms"], 3)
+    out["http_stdlib_over_pipeline_p50"] = round(out["http_stdlib"]["median_ms"] / out["pipeline"]["median_ms"], 3)
+    # paired, per request: the HTTP round trip over the inference the server timed for that same request
+    # (same process, same cache state: the serving overhead alone, robust to the machine's speed changes)
+    out["paired_http_over_inference"] = _paired(times["http"], times["inference"])
+    out["paired_http_stdlib_over_inference"] = _paired(times["http_stdlib"], times["inference_stdlib"])
     if users > 1:
         out["throughput"] = throughput(pipe, settings, users, seconds, prompt, mode)
     return out
@@ -243,8 +294,12 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="throughput: seconds per run (2 runs each)")
     ap.add_argument("--server", choices=("process", "thread"), default="process",
                     help="slimsd serve as its own process (as deployed) or uvicorn in a thread of this one")
+    ap.add_argument("--cpus", default=None, help="comma list of CPU ids to pin this process and its server to "
+                    "(e.g. 0: client, server and pipeline on one core; see the module docstring)")
     ap.add_argument("--json", default=None, help="also write the results here")
     a = ap.parse_args()
+    if a.cpus:
+        os.sched_setaffinity(0, {int(c) for c in a.cpus.split(",")})  # inherited by the server subprocess
     if a.models:
         models = a.models.split(",")
     else:
@@ -261,7 +316,10 @@ def main() -> None:
             print(f"{model:<14} {backend:<12} {r['steps']:>3} steps  pipeline {r['pipeline']['median_ms']:>8.1f} ms "
                   f"(p90 {r['pipeline']['p90_ms']:.1f})  http {r['http']['median_ms']:>8.1f} ms "
                   f"(p90 {r['http']['p90_ms']:.1f})  server {r['server']['median_ms']:.1f}  "
-                  f"inference {r['inference']['median_ms']:.1f}  http/pipeline {r['http_over_pipeline_p50']:.3f}",
+                  f"inference {r['inference']['median_ms']:.1f}  http/pipeline {r['http_over_pipeline_p50']:.3f}  "
+                  f"(http.client {r['http_stdlib']['median_ms']:.1f} ms, {r['http_stdlib_over_pipeline_p50']:.3f}); "
+                  f"paired http/inference {r['paired_http_over_inference']}, http.client/inference "
+                  f"{r['paired_http_stdlib_over_inference']}",
                   flush=True)
             if "throughput" in r:
                 t = r["throughput"]
@@ -271,7 +329,11 @@ def main() -> None:
     import onnxruntime
     import torch
 
-    env = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    from slimsd.loadtest.machine import describe, machine_info
+
+    mach = machine_info(a.threads)
+    env = {"cpu": mach["cpu"], "simd_flags": mach["simd_flags"], "machine": describe(mach),
+           "pinned_cpus": sorted(os.sched_getaffinity(0)) if a.cpus else None, "cores": os.cpu_count(),
            "load_average_before": load_before, "load_average_after": [round(x, 2) for x in os.getloadavg()],
            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "repeats": a.repeats,
            "threads": a.threads, "wall_s": round(time.monotonic() - t0, 1), "http": ("slimsd serve subprocess" if a.server == "process" else "uvicorn in a thread of the client's process")

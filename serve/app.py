@@ -47,8 +47,10 @@ def _settings(request: Request) -> ServeSettings:
     return request.app.state.settings
 
 
-def require_key(request: Request) -> None:
-    """``Authorization: Bearer <key>`` when the server has a key (constant-time comparison)."""
+async def require_key(request: Request) -> None:
+    """``Authorization: Bearer <key>`` when the server has a key (constant-time comparison).
+    ``async`` although it never awaits: FastAPI runs a plain ``def`` dependency in its thread pool,
+    a thread hop on every request of the hot route (#17)."""
     key = _settings(request).api_key
     if not key:
         return
@@ -82,14 +84,18 @@ api = APIRouter(dependencies=[Depends(require_key)], responses=_ERRORS)
 
 @api.post("/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True,
           tags=["openai"])
-async def images_generations(body: ImageGenerationRequest, request: Request, response: Response):
+async def images_generations(body: ImageGenerationRequest, request: Request):
     t0 = time.perf_counter()
     engine = service.pick_engine(_engines(request), body.model_choice(), body.MODEL_FIELD)
     p = body.to_params(engine, _settings(request))
     images, job = await service.run_timed(engine, p)
-    response.headers.update(service.server_timing(job, time.perf_counter() - t0, engine.name, p.steps))
-    return ImagesResponse(created=int(time.time()),
-                          data=[ImageData(b64_json=service.png_b64(im), seed=p.seed + i) for i, im in enumerate(images)])
+    t1 = time.perf_counter()
+    out = ImagesResponse(created=int(time.time()),
+                         data=[ImageData(b64_json=service.png_b64(im), seed=p.seed + i) for i, im in enumerate(images)])
+    # serialized here by pydantic-core: FastAPI would validate the model a second time and encode it again (#17)
+    body_json, t2 = out.model_dump_json(exclude_none=True), time.perf_counter()
+    return Response(body_json, media_type="application/json",
+                    headers=service.server_timing(job, t2 - t0, engine.name, p.steps, encode_s=t2 - t1))
 
 
 @api.post("/v1/images/jobs", response_model=ImageJob, response_model_exclude_none=True, status_code=202,

@@ -130,18 +130,27 @@ async def run_timed(engine: Engine, p: GenerationParams) -> tuple[np.ndarray, Jo
     return await engine.submit(job), job
 
 
-def server_timing(job: Job, total_s: float, model: str, steps: int) -> dict[str, str]:
-    """Response headers with the server-side latency (``Server-Timing``, readable by the playground)."""
-    t = job.timings_ms
+def server_timing(job: Job, total_s: float, model: str, steps: int, encode_s: float | None = None) -> dict[str, str]:
+    """Response headers with the server-side latency (``Server-Timing``, readable by the playground):
+    ``queue`` and ``inference`` of the job, ``encode`` (PNG + JSON, where the route measured it) and
+    ``total`` (arrival at the route to the response body)."""
+    t = dict(job.timings_ms)
+    if encode_s is not None:
+        t["encode"] = 1000 * encode_s
     parts = [f"{k};dur={v:.1f}" for k, v in t.items()] + [f"total;dur={1000 * total_s:.1f}"]
     return {"Server-Timing": ", ".join(parts), "X-Slimsd-Model": model, "X-Slimsd-Steps": str(steps)}
+
+
+# zlib level of the PNGs served: 1 encodes several times faster than Pillow's default 6 for slightly
+# larger files; the encoding runs on the event loop, per image (measured: docs/serve.md, "Serving overhead")
+PNG_COMPRESS_LEVEL = 1
 
 
 def png_b64(image: np.ndarray) -> str:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
+    Image.fromarray(image).save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 

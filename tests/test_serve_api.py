@@ -133,6 +133,39 @@ def test_openai_generation_is_a_png_equal_to_diffusers(pipe):
     ref = (ref * 255).round().astype(np.uint8)[0]
     assert got.shape == ref.shape == (64, 64, 3)
     assert np.abs(got.astype(int) - ref.astype(int)).max() <= 2  # the ONNX Runtime tolerance
+    # Server-Timing: queue, inference, encode (PNG + JSON) and the route's total, which holds the others
+    t = {k.strip(): float(v) for k, v in (x.split(";dur=") for x in r.headers["server-timing"].split(","))}
+    assert set(t) == {"queue", "inference", "encode", "total"}, t
+    assert t["total"] + 0.2 >= t["inference"] + t["encode"] and t["encode"] > 0  # 0.1 ms rounding each
+
+
+def test_the_hot_route_makes_no_thread_pool_hop_and_encodes_fast_pngs(pipe, monkeypatch):
+    """#17: a plain ``def`` dependency runs in FastAPI's thread pool (a thread hop per request); the
+    PNGs use zlib level 1, and the bytes are what Pillow writes at that level (lossless either way)."""
+    import anyio.to_thread
+
+    from slimsd.serve import service
+
+    hops = []
+    real = anyio.to_thread.run_sync
+
+    async def counting(fn, *a, **kw):
+        hops.append(getattr(fn, "__name__", repr(fn)))
+        return await real(fn, *a, **kw)
+
+    with serving(pipe, api_key="k") as c:
+        monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+        r = c.post(GEN, json={"prompt": PROMPT, "seed": 3, "num_inference_steps": 2},
+                   headers={"Authorization": "Bearer k"})
+        assert r.status_code == 200, r.text
+        assert hops == [], hops  # require_key and the route ran on the event loop
+    from PIL import Image
+
+    img = png(r.json()["data"][0]["b64_json"])
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", compress_level=service.PNG_COMPRESS_LEVEL)
+    assert base64.b64decode(r.json()["data"][0]["b64_json"]) == buf.getvalue()
+    assert service.PNG_COMPRESS_LEVEL == 1
 
 
 def test_n_images_take_consecutive_seeds_and_sizes_work(pipe):
