@@ -5,8 +5,8 @@
 * :func:`count_flops`: FLOPs of one call, counted by ``torch.utils.flop_counter.FlopCounterMode``
   (matmuls, convolutions, attention; 1 multiply-add = 2 FLOPs; elementwise ops not counted);
 * component callables (text encoder at batch 2, one U-Net step at batch 2, VAE decode at
-  batch 1 - one image with classifier-free guidance) for torch eager and ONNX Runtime, fed the
-  same random inputs;
+  batch 1 - one image with classifier-free guidance) for torch eager, ONNX Runtime and OpenVINO
+  (f32 / bf16), fed the same random inputs;
 * :func:`time_calls`: wall time of each call after warm-up.
 """
 
@@ -157,6 +157,31 @@ class OrtComponents:
         feeds = {k: v for k, v in inputs.items() if k in names}
         out = [sess.get_outputs()[0].name]
         return lambda: sess.run(out, feeds)
+
+
+class OvComponents:
+    """OpenVINO CPU compiled models of the same ONNX files, at one ``INFERENCE_PRECISION_HINT``
+    (``f32`` or ``bf16``), with the serving runner's settings (LATENCY hint, one stream; see
+    ``slimsd.serve.runners_openvino``); no compiled-model cache, so nothing stale is timed."""
+
+    def __init__(self, paths: dict[str, Path], threads: int | None = None, precision: str = "f32"):
+        import openvino as ov
+
+        core = ov.Core()
+        cfg = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
+        if threads:
+            cfg["INFERENCE_NUM_THREADS"] = str(threads)
+        self.requests, self.load_s = {}, {}
+        for name, path in paths.items():
+            t0 = time.perf_counter()
+            self.requests[name] = core.compile_model(str(path), "CPU", cfg).create_infer_request()
+            self.load_s[name] = time.perf_counter() - t0
+
+    def fn(self, name: str, inputs: dict):
+        req = self.requests[name]
+        names = {n for i in req.model_inputs for n in i.get_names()}
+        feeds = {k: v for k, v in inputs.items() if k in names}
+        return lambda: req.infer(feeds)
 
 
 def fmt_s(x: float) -> str:

@@ -15,7 +15,8 @@ classifier-free guidance at 512x512 (64x64 latent):
   step + VAE decode (SD: 25 steps of the unpruned U-Net and the full decoder; ours: 8 steps of the
   pruned one with the full and with the tiny decoder, and 4 steps with the tiny decoder). The
   scheduler maths between steps is not included (a few ms per step on 1x4x64x64 latents);
-* runtimes: torch eager (fp32) and ONNX Runtime (CPU, fp32) on the export in ``--onnx`` (a
+* runtimes: torch eager (fp32), ONNX Runtime (CPU, fp32) and OpenVINO (CPU, f32 and, where the
+  CPU plugin reports BF16, bf16: ``--openvino``) on the export in ``--onnx`` (a
   ``slimsd export onnx sd21-base-arch`` folder, reused, never re-exported; when it is missing,
   each component is exported on its own into it, same specs, no parity check). The pruned U-Nets
   and the tiny decoder are exported the same way into ``--pruned-onnx-root/<plan>/unet/`` and
@@ -44,7 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from e2e_common import (ROOT, OrtComponents, TorchComponents, component_inputs, count_flops,  # noqa: E402
+from e2e_common import (ROOT, OrtComponents, OvComponents, TorchComponents, component_inputs, count_flops,  # noqa: E402
                         export_component_only, export_unet_only, fmt_s, log, machine, matmul_peak, stats, time_calls,
                         write_results)
 
@@ -206,7 +207,10 @@ def main() -> None:
     ap.add_argument("--unet-repeats", type=int, default=2)
     ap.add_argument("--vae-repeats", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=0, help="untimed calls before U-Net / VAE timing (text encoder: 1)")
-    ap.add_argument("--no-ort", action="store_true")
+    ap.add_argument("--no-ort", action="store_true", help="no ONNX export: torch eager only (OpenVINO needs the export)")
+    ap.add_argument("--openvino", default="auto",
+                    help="OpenVINO precisions to time on the same ONNX files: 'auto' (f32, plus bf16 where the CPU "
+                         "plugin reports BF16), a comma list such as 'f32,bf16', or 'none'")
     ap.add_argument("--stem", default="e2e_sd21")
     ap.add_argument("--preset", default="sd21-base-arch", help=argparse.SUPPRESS)  # tiny-sd: smoke test of the script
     ap.add_argument("--render-only", action="store_true", help="rewrite the .md from the existing .json")
@@ -231,6 +235,10 @@ def main() -> None:
     log(f"load average before: {before['load_average']}")
     peak = matmul_peak(a.threads)
     log(f"fp32 matmul ({a.threads} threads): {peak['gflops']:.1f} GFLOP/s")
+    ov_precisions = [] if a.no_ort else openvino_precisions(a.openvino)
+    peak_bf16 = matmul_peak(a.threads, dtype="bfloat16") if "bf16" in ov_precisions else None
+    if peak_bf16:
+        log(f"bf16 matmul ({a.threads} threads): {peak_bf16['gflops']:.1f} GFLOP/s")
     plans, plans_source = pruning_plans(Path(a.plans), Path(a.report) if a.report else None, a.preset,
                                         Path(a.front) if a.front else None)
     log(f"plans: {plans_source}: {list(plans)}")
@@ -298,11 +306,22 @@ def main() -> None:
         times["onnxruntime"] = interleaved(fns, rep, warm, "onnxruntime")
         del oc, fns
         gc.collect()
+    # -- OpenVINO, one precision at a time, the same ONNX files ------------------------------------
+    ov_load = {}
+    for prec in ov_precisions:
+        rt = f"openvino-{prec}"
+        oc = OvComponents(paths, a.threads, prec)
+        ov_load[rt] = oc.load_s
+        log(f"{rt} compiled: " + ", ".join(f"{k} {v:.0f} s" for k, v in oc.load_s.items()))
+        fns = {c: oc.fn(c, inputs[c.split(":")[0]]) for c in paths}
+        times[rt] = interleaved(fns, rep, warm, rt)
+        del oc, fns
+        gc.collect()
     after = machine(a.threads)
     after["load_average_before"] = before["load_average"]
     result = {"threads": a.threads, "repeats": {"text_encoder": a.te_repeats, "unet": a.unet_repeats,
                                                 "vae_decoder": a.vae_repeats, "warmup": a.warmup},
-              "matmul_peak": peak, "plans": plans, "plans_source": plans_source, "flops": flops, "times": times,
+              "matmul_peak": peak, "matmul_peak_bf16": peak_bf16, "ov_compile_s": ov_load, "plans": plans, "plans_source": plans_source, "flops": flops, "times": times,
               "ort_load_s": ort_load, "onnx": str(onnx_dir), "pruned_onnx": {k: str(v) for k, v in pruned_onnx.items()},
               "machine": after, "wall_s": time.time() - t_start,
               "command": "python benchmarks/e2e_sd21.py " + " ".join(sys.argv[1:]), "paper": PAPER}
@@ -311,6 +330,27 @@ def main() -> None:
     j, m = write_results(a.stem, result, md)
     print(md)
     log(f"wrote {j} and {m}")
+
+
+def openvino_precisions(arg: str) -> list[str]:
+    """``--openvino`` -> the precisions to time (bf16 only where OpenVINO's CPU plugin has it)."""
+    if arg == "none":
+        return []
+    try:
+        from slimsd.serve.runners_openvino import cpu_supports_bf16
+        has_bf16 = cpu_supports_bf16()
+    except Exception as e:  # noqa: BLE001 - openvino missing or broken: say so, time the rest
+        log(f"openvino not timed: {e}")
+        return []
+    wanted = ["f32", "bf16"] if arg == "auto" else [x.strip() for x in arg.split(",") if x.strip()]
+    bad = [x for x in wanted if x not in ("f32", "bf16")]
+    if bad:
+        raise SystemExit(f"--openvino: unknown precision {', '.join(bad)}; use f32, bf16, auto or none")
+    if "bf16" in wanted and not has_bf16:
+        if arg != "auto":
+            raise SystemExit("--openvino bf16: this CPU's OpenVINO plugin reports no BF16")
+        wanted.remove("bf16")
+    return wanted
 
 
 def totals(r: dict) -> dict:
@@ -345,6 +385,7 @@ def markdown(r: dict) -> str:
     from slimsd.loadtest.machine import describe
 
     fl, t, peak = r["flops"], r["times"], r["matmul_peak"]
+    runtimes = [rt for rt in t if t[rt]]
     busy = r["machine"]["load_average_before"][0] > 0.75 * (r["machine"]["logical_cores"] or 1)
     L = ["# End to end at 512x512, SD v2.1-base architecture: 25 steps vs pruned U-Nets at 8 and 4 steps", "",
          "Random weights (`sd21-base-arch`): speed only. One image with classifier-free guidance. **Bounded**: each "
@@ -357,10 +398,10 @@ def markdown(r: dict) -> str:
          f"{' / '.join(str(x) for x in r['machine']['load_average_before'])}).", "",
          f"Command: `{r['command']}` ({r['wall_s'] / 60:.0f} min wall).", ""]
     if busy:
-        L += [f"**Contention**: the load average was above the machine's {r['machine']['logical_cores']} cores while "
-              "this ran (other people's training / benchmark jobs), so every time here is inflated by an unknown, "
-              "varying factor and the repeats are minimal. Ratios measured in the same run are the useful part; "
-              "absolute times are upper bounds.", ""]
+        L += [f"**Load**: the 1-minute load average before the run was {r['machine']['load_average_before'][0]} on "
+              f"{r['machine']['logical_cores']} cores (other jobs, or the decay of the previous one: this number cannot "
+              "tell which; see the notes of the run), so absolute times may be inflated. Ratios measured in the same "
+              "run are the useful part.", ""]
     L += [f"Pruning plans: {r['plans_source']}.", "",
           "The matmul rate was measured at the start of the run, so under contention the *% of matmul* columns "
           "compare against a rate that was itself reduced; read them as rough.", ""] if busy else \
@@ -385,10 +426,16 @@ def markdown(r: dict) -> str:
             ours_f = fl["text_encoder"] + dec_f[d] + steps * fl[f"unet:{name}"]
             L.append(f"| FLOP count (no timing) | {name} vs SD | | {steps} vs 25 | {d} | {ours_f / 1e12:.1f} vs "
                      f"{sd_f / 1e12:.1f} TFLOP | **{sd_f / ours_f:.2f}x** |")
-    if "torch" in r["totals"] and "onnxruntime" in r["totals"]:
+    if "torch" in r["totals"]:  # product view: SD in diffusers' torch fp32 vs our fastest runtime for each row
         sd_torch = r["totals"]["torch"]["rows"][0]["total_s"]
-        for row in r["totals"]["onnxruntime"]["rows"][1:]:
-            L.append(f"| onnxruntime vs SD torch eager (product view) | {row['plan']} | | {row['steps']} | {row['decoder']} | "
+        best: dict[tuple, tuple[str, dict]] = {}
+        for rt, x in r["totals"].items():
+            for row in x["rows"][1:]:
+                k = (row["plan"], row["steps"], row["decoder"])
+                if rt != "torch" and (k not in best or row["total_s"] < best[k][1]["total_s"]):
+                    best[k] = (rt, row)
+        for (plan, steps, dec), (rt, row) in best.items():
+            L.append(f"| {rt} vs SD torch eager fp32 (product view) | {plan} | | {steps} | {dec} | "
                      f"{fmt_s(row['total_s'])} | **{sd_torch / row['total_s']:.2f}x** |")
     L += ["", "U-Net step speedup over SD's (same runtime): " + "; ".join(
         f"{rt}: " + ", ".join(f"{n} {v:.2f}x" for n, v in x["unet_step_speedup"].items()) for rt, x in r["totals"].items()) + "."]
@@ -404,24 +451,30 @@ def markdown(r: dict) -> str:
         f"Measured fp32 matmul rate ({peak['n']}x{peak['n']}, torch, {peak['threads']} thread(s)): "
         f"**{peak['gflops']:.1f} GFLOP/s** (best of 20; median {peak['median_gflops']:.1f}). FLOPs counted with "
         "`FlopCounterMode` on the meta device (matmul / conv / attention, 1 MAC = 2 FLOPs).", "",
-        "| component | params | GFLOP | torch eager | ORT | torch GFLOP/s (% of matmul) | ORT GFLOP/s (%) |",
-        "|---|---:|---:|---:|---:|---:|---:|"]
+        ] + ([f"Measured bf16 matmul rate (same size and threads, torch): **{r['matmul_peak_bf16']['gflops']:.1f} "
+              "GFLOP/s**; the openvino-bf16 column is a share of this one.", ""] if r.get("matmul_peak_bf16") else []) + [
+        "| component | params | GFLOP | " + " | ".join(runtimes) + " | " +
+        " | ".join(f"{rt} GFLOP/s (% of matmul)" for rt in runtimes) + " |",
+        "|---|---:|---:|" + "---:|" * (2 * len(runtimes))]
     names = ["text_encoder", "unet"] + [f"unet:{n}" for n in r["plans"]] + ["vae_decoder"] + \
         (["vae_decoder:tiny"] if "vae_decoder:tiny" in fl else [])
     for c in names:
         f = fl[c]
         cells = []
-        for rt in ("torch", "onnxruntime"):
+        for rt in runtimes:
             x = t.get(rt, {}).get(c)
-            cells.append((fmt_s(x["median_s"]), f"{f / x['median_s'] / 1e9:.1f} ({100 * f / x['median_s'] / 1e9 / peak['gflops']:.0f}%)")
+            pk = (r.get("matmul_peak_bf16") or peak) if rt.endswith("bf16") else peak  # same precision
+            cells.append((fmt_s(x["median_s"]), f"{f / x['median_s'] / 1e9:.1f} ({100 * f / x['median_s'] / 1e9 / pk['gflops']:.0f}%)")
                          if x else ("not run", ""))
         label = {"text_encoder": "text encoder (batch 2)", "unet": "U-Net step, SD (batch 2)",
                  "vae_decoder": "VAE decode, AutoencoderKL (batch 1)",
                  "vae_decoder:tiny": "VAE decode, tiny AutoencoderTiny (batch 1)"}.get(c, f"U-Net step, {c[5:]} (batch 2)")
-        L.append(f"| {label} | {fl['params'][c] / 1e6:.0f}M | {f / 1e9:,.0f} | {cells[0][0]} | {cells[1][0]} | "
-                 f"{cells[0][1]} | {cells[1][1]} |")
+        L.append(f"| {label} | {fl['params'][c] / 1e6:.0f}M | {f / 1e9:,.0f} | " + " | ".join(x[0] for x in cells) +
+                 " | " + " | ".join(x[1] for x in cells) + " |")
     if r.get("ort_load_s"):
         L += ["", "ONNX Runtime session load (s): " + ", ".join(f"{k} {v:.0f}" for k, v in r["ort_load_s"].items()) + "."]
+    for rt, loads in (r.get("ov_compile_s") or {}).items():
+        L += ["", f"{rt} compile (s, no cache): " + ", ".join(f"{k} {v:.0f}" for k, v in loads.items()) + "."]
     L += ["", "Every call's time is in the JSON next to this file (`times.<runtime>.<component>.all_s`)."]
     return "\n".join(L) + "\n"
 

@@ -1,7 +1,8 @@
 """README figures that code computes: recomputed here, so a change to the code behind them fails.
 
-* the counted-FLOPs speedup (README "Does it hold?": 42.8 vs 13.6 TFLOP, 3.16x), from
-  ``benchmarks/e2e_sd21.py``'s meta-device FLOP count of the committed 466M plan;
+* the counted-FLOPs speedup (README "Does it hold?": 42.8 vs 9.4 TFLOP, 4.58x), from
+  ``benchmarks/e2e_sd21.py``'s meta-device FLOP count of the committed time-aware plan with the
+  tiny decoder, and the timed ONNX Runtime speedup of the same row;
 * ``slimsd compress prune sd21-base-arch --report <tiny-sd report> --target-params 466e6 --plan-only``:
   a plan from a proxy model's report only removes blocks the target can lose, and its counts are
   those of the pruned architecture.
@@ -30,21 +31,25 @@ def test_counted_flops_speedup_is_the_readme_figure(monkeypatch):
     from slimsd.specs import ModelDims
 
     committed = json.loads((ROOT / "benchmarks" / "results" / "e2e_sd21.json").read_text())
-    (name,) = committed["plans"]  # the 466M plan the README row is about
+    paper, ours_plan = committed["plans"]  # the paper's 466M plan, then the time-aware plan (prune_front.json)
+    assert ours_plan.startswith("time-aware"), committed["plans"]
     dims = ModelDims.from_configs(SD21_UNET, SD21_VAE, SD21_TEXT_ENCODER)
     assert dims.image_size == (512, 512)
     fl = e2e_sd21.flops_meta(committed["plans"], dims)
-    # the committed results are what the code counts (they predate the tiny decoder's row)
-    tiny = fl.pop("vae_decoder:tiny"), fl["params"].pop("vae_decoder:tiny")
-    assert fl == committed["flops"]
-    assert 1.0e6 < tiny[1] < 1.5e6 and tiny[0] < fl["vae_decoder"] / 10  # TAESD's ~1.2M-param decoder, far cheaper
-    # one image with CFG: text encoder + steps x U-Net step + VAE decode
-    fixed = fl["text_encoder"] + fl["vae_decoder"]
-    sd, ours = fixed + e2e_sd21.SD_STEPS * fl["unet"], fixed + e2e_sd21.OUR_STEPS * fl[f"unet:{name}"]
+    assert fl == committed["flops"]  # the committed results are what the code counts
+    assert 1.0e6 < fl["params"]["vae_decoder:tiny"] < 1.5e6  # TAESD's ~1.2M-param decoder
+    assert fl["vae_decoder:tiny"] < fl["vae_decoder"] / 10  # far cheaper than AutoencoderKL's
+    # one image with CFG: text encoder + steps x U-Net step + VAE decode; ours: 8 steps, tiny decoder
+    sd = fl["text_encoder"] + fl["vae_decoder"] + e2e_sd21.SD_STEPS * fl["unet"]
+    ours = fl["text_encoder"] + fl["vae_decoder:tiny"] + e2e_sd21.OUR_STEPS * fl[f"unet:{ours_plan}"]
     row = next(line for line in (ROOT / "README.md").read_text().splitlines() if "same, counted FLOPs" in line)
     claimed = re.findall(r"([\d.]+) TFLOP", row) + re.findall(r"\*\*([\d.]+)×\*\*", row)
     assert claimed == [f"{sd / 1e12:.1f}", f"{ours / 1e12:.1f}", f"{sd / ours:.2f}"], row
-    assert "3.16" in row
+    assert "4.58" in row
+    # the timed totals of the README rows are the committed run's (ONNX Runtime, ours at 8 steps + tiny decoder)
+    ort = {(x["plan"], x["steps"], x["decoder"]): x for x in committed["totals"]["onnxruntime"]["rows"]}
+    speedup = ort[(ours_plan, e2e_sd21.OUR_STEPS, "tiny")]["speedup"]
+    assert speedup >= 4.0 and f"**{speedup:.2f}×**" in (ROOT / "README.md").read_text()
 
 
 def test_prune_plan_only_for_sd21_from_a_tiny_sd_report(tmp_path, capsys):
