@@ -144,6 +144,10 @@ class Running:
 
 
 REFILL_MAX_S = 0.05
+# At shutdown, how long a batch stopped by the drain timeout may take to reach its next step (one
+# SD-size step on a CPU is seconds; a hung backend must not hold the process forever)
+SHUTDOWN_STEP_WAIT_MAX_S = 30.0
+SHUTDOWN = "server shut down"  # the cancel reason of batches stopped past the drain timeout
 
 
 @dataclass
@@ -239,11 +243,28 @@ class Engine:
 
     def finish(self, timeout_s: float) -> None:
         """Blocking :meth:`stop` without the drain (the caller drains first): wait up to ``timeout_s``,
-        then queued jobs get ``draining`` and the workers stop after their running batch."""
+        then queued jobs get ``draining`` and a batch still running stops at its next step (an
+        SD-size batch on a CPU runs for minutes: the process must not outlive its drain timeout by
+        that much), waited for up to about one step."""
         deadline = time.monotonic() + timeout_s
         while not self.idle and time.monotonic() < deadline:
             time.sleep(0.05)
         self.close()
+        self.stop_running(SHUTDOWN)
+
+    def stop_running(self, reason: str) -> None:
+        """After :meth:`close`: a batch still running stops at its next step; wait for that, up to about
+        one step (measured on the batch itself) and at most ``SHUTDOWN_STEP_WAIT_MAX_S``."""
+        running = list(self.running)
+        if not running:
+            return
+        step_s = max((time.monotonic() - r.started) / max(r.step, 1) for r in running)
+        n = self.interrupt(reason)
+        log.warning("%s: drain timeout passed with %d request(s) running: stopping them at their next step",
+                    self.name, n)
+        grace = time.monotonic() + min(SHUTDOWN_STEP_WAIT_MAX_S, 1.5 * step_s + 0.5)
+        while self._busy and time.monotonic() < grace:
+            time.sleep(0.02)
 
     def close(self) -> None:
         """Queued jobs get ``draining``; the workers stop after their running batch."""
@@ -306,11 +327,11 @@ class Engine:
                 return True
         return False
 
-    def interrupt(self) -> int:
-        """Stop every running batch at its next step (A1111 ``/sdapi/v1/interrupt``); jobs interrupted."""
+    def interrupt(self, reason: str = "interrupted") -> int:
+        """Stop every running batch at its next step (A1111 ``/sdapi/v1/interrupt``, shutdown); jobs interrupted."""
         jobs = [j for r in list(self.running) for j in r.jobs]
         for j in jobs:
-            j.cancel_reason = j.cancel_reason or "interrupted"
+            j.cancel_reason = j.cancel_reason or reason
         return len(jobs)
 
     async def submit(self, job: Job) -> np.ndarray:
@@ -433,8 +454,13 @@ class Engine:
             log.info("%s: batch of %d images stopped: %s", self.name, len(prompts), e)
             for j in batch:
                 j.finished = time.monotonic()
-                m.rejections("interrupted").inc()
-                j.future.set_exception(Interrupted(f"{j.cancel_reason} at step {state.step} of {key.steps}"))
+                msg = f"{j.cancel_reason} at step {state.step} of {key.steps}"
+                if j.cancel_reason == SHUTDOWN:  # 503 draining: retry on another replica (not the client's 409)
+                    m.rejections("draining").inc()
+                    j.future.set_exception(Draining(msg, retry_after=1))
+                else:
+                    m.rejections("interrupted").inc()
+                    j.future.set_exception(Interrupted(msg))
             return
         except Exception as e:  # noqa: BLE001 - any backend fault fails this batch only
             log.exception("%s: backend failed on a batch of %d images", self.name, len(prompts))
@@ -547,6 +573,8 @@ class Engines:
             time.sleep(0.05)
         for e in self:
             e.close()
+        for e in self:
+            e.stop_running(SHUTDOWN)
 
     def interrupt(self) -> int:
         return sum(e.interrupt() for e in self)

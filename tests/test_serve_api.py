@@ -387,6 +387,31 @@ def test_request_timeout_is_504_and_the_server_goes_on(pipe):
         assert c.post(GEN, json={"prompt": PROMPT, "num_inference_steps": 1}).status_code == 200
 
 
+def test_shutdown_past_the_drain_timeout_stops_a_running_batch_at_its_next_step(pipe):
+    """An SD-size batch on a CPU runs for minutes: after the drain timeout the engine stops it at the
+    next step (the client gets a clear error) instead of holding the process until it ends."""
+    slow = replace(pipe, runners=Slow(pipe.runners, 0.2))
+    with serving(slow, max_wait_ms=0) as c:
+        engines = c.app.state.engine
+        with ThreadPoolExecutor(1) as ex:
+            fut = ex.submit(c.post, GEN, json={"prompt": PROMPT, "num_inference_steps": 40})  # >= 8 s
+            t0 = time.monotonic()
+            while not any(e.running for e in engines):
+                assert time.monotonic() - t0 < 10
+                time.sleep(0.01)
+            time.sleep(0.3)  # a step or two in
+            engines.drain()
+            t1 = time.monotonic()
+            engines.finish(0.2)
+            took = time.monotonic() - t1
+            r = fut.result(30)
+        assert took < 2.0, took  # the drain timeout + about one 0.2 s step, not the 8 s batch
+        err = assert_error(r, 503, code="draining")  # retry on another replica
+        assert "server shut down at step" in err["message"], err
+        assert r.headers["retry-after"] == "1"
+        assert not any(e.running for e in engines)
+
+
 def test_backend_fault_is_503_then_the_next_request_works(pipe):
     faulty = replace(pipe, runners=Faulty(pipe.runners, failures=1))
     with serving(faulty) as c:
