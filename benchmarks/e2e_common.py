@@ -161,16 +161,16 @@ class OrtComponents:
 
 class OvComponents:
     """OpenVINO CPU compiled models of the same ONNX files, at one ``INFERENCE_PRECISION_HINT``
-    (``f32`` or ``bf16``), with the serving runner's settings (LATENCY hint, one stream; see
-    ``slimsd.serve.runners_openvino``); no compiled-model cache, so nothing stale is timed."""
+    (``f32`` or ``bf16``), with the serving runner's compile settings
+    (``slimsd.serve.runners_openvino.compile_config``); no compiled-model cache, so nothing stale is timed."""
 
     def __init__(self, paths: dict[str, Path], threads: int | None = None, precision: str = "f32"):
         import openvino as ov
 
+        from slimsd.serve.runners_openvino import compile_config
+
         core = ov.Core()
-        cfg = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
-        if threads:
-            cfg["INFERENCE_NUM_THREADS"] = str(threads)
+        cfg = compile_config(precision, threads)
         self.requests, self.load_s = {}, {}
         for name, path in paths.items():
             t0 = time.perf_counter()

@@ -99,7 +99,7 @@ def main() -> None:
     import openvino_genai as ov_genai
 
     from slimsd.serve.pipeline import load_served_pipeline
-    from slimsd.serve.runners_openvino import cpu_supports_bf16
+    from slimsd.serve.runners_openvino import compile_config, cpu_supports_bf16
     from slimsd.serve.settings import ServeSettings
 
     before = machine(a.threads)
@@ -120,8 +120,7 @@ def main() -> None:
         h, w = ort.image_size
         for prec in precisions:
             g = ov_genai.Text2ImagePipeline(str(folder))
-            g.compile("CPU", INFERENCE_PRECISION_HINT=prec, INFERENCE_NUM_THREADS=a.threads,
-                      PERFORMANCE_HINT="LATENCY", NUM_STREAMS=1)
+            g.compile("CPU", **compile_config(prec, a.threads))  # the same properties slimsd compiles with
             runs[f"genai openvino-{prec}"] = g
 
         def call(name, i):

@@ -82,8 +82,7 @@ def ready(request: Request):
 api = APIRouter(dependencies=[Depends(require_key)], responses=_ERRORS)
 
 
-@api.post("/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True,
-          tags=["openai"])
+@api.post("/v1/images/generations", response_model=ImagesResponse, tags=["openai"])  # the schema; body built below
 async def images_generations(body: ImageGenerationRequest, request: Request):
     t0 = time.perf_counter()
     engine = service.pick_engine(_engines(request), body.model_choice(), body.MODEL_FIELD)

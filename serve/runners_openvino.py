@@ -116,6 +116,16 @@ def resolve_precision(precision: str, core=None, capabilities: list[str] | None 
     return floating
 
 
+def compile_config(hint: str, threads: int | None = None) -> dict[str, str]:
+    """The CPU plugin's compile properties slimsd serves with: ``INFERENCE_PRECISION_HINT`` (``f32`` /
+    ``bf16``), the LATENCY hint with one stream per model, and ``INFERENCE_NUM_THREADS`` when set.
+    The benchmarks compile with the same (benchmarks/e2e_common.py, benchmarks/peer_genai.py)."""
+    config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = str(int(threads))
+    return config
+
+
 CACHE_KEY_FILE = "slimsd-cache-key.json"  # in each cache folder: what its blob was compiled from
 
 
@@ -175,10 +185,7 @@ class OpenVINORunners(ExportFolderRunners):
                 self.files["unet"] = {f"{quantize.INT8_DIR}/{k}": v for k, v in report["ir_sha256"].items()}
             hint = floating
         self.float_hint = hint
-        self.config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
-                       "NUM_STREAMS": "1"}
-        if threads:
-            self.config["INFERENCE_NUM_THREADS"] = str(int(threads))
+        self.config = compile_config(hint, threads)
         root = (self.folder / "openvino") if cache is True else (Path(cache) if cache else None)
         self.cache_root = root if root is not None and _writable(root) else None
         if cache and self.cache_root is None:
