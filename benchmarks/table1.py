@@ -1,7 +1,6 @@
 """The paper's Table 1 in miniature, on ``tiny-sd``, with 95% CIs and paired claims (issue 14).
 
-    python benchmarks/table1.py --part ours &  python benchmarks/table1.py --part others; wait
-    python benchmarks/table1.py                # writes benchmarks/results/table1.md from the cache
+    python benchmarks/table1.py                # everything: 2 worker processes (--jobs), then the table
     python benchmarks/table1.py --quick        # minutes: proves the chain; writes table1-quick.md
 
 Rows, every model scored by the scene evaluator on the same held-out prompts and seeds (FD plays
@@ -37,11 +36,16 @@ one metric resolved better and none resolved worse; anything else is "unresolved
 - C5 ours reaches BK-SDM-style's quality in <= 1/4 of its iterations: ours' stage 1 stopped at a
   quarter of the budget (the C4 seed-0 run) matches BK-SDM-style at the full budget.
 
-Everything lands in ``--work`` (default runs/table1): the builds, each training run (resumed from
-its checkpoints) and each row's scores with its per-prompt results (``eval/TAG.npz``) are reused,
-so a killed run continues where it stopped. The committed presets are never touched: the table
-rebuilds its own copies under ``--work``. Seconds per image are timed by the final ``--part all``
-call, one model at a time, after the training is done.
+The work is a list of tasks (two builds, nine training runs, sixteen scorings) with their
+dependencies. ``--jobs`` worker processes (1 thread each by default: two on a 2-core machine) take
+the first ready task in priority order, the longest chain (ours' two builds) first, so the cores
+stay busy until the end; a task is claimed by an atomic mkdir under ``WORK/pool``. Everything
+lands in ``--work`` (default runs/table1): the builds, each training run (resumed from its
+checkpoints) and each row's scores with its per-prompt results (``eval/TAG.npz``) are reused, so a
+killed run continues where it stopped. The committed presets are never touched: the table rebuilds
+its own copies under ``--work``, without the builds' intermediate evaluations (the table scores
+every row itself). Seconds per image are timed at the end, one model at a time, with the workers
+gone.
 """
 
 from __future__ import annotations
@@ -53,7 +57,9 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -98,24 +104,112 @@ def build_configs(a, work: Path) -> tuple[dict, dict]:
         for c, k in ((cfg, "stage1"), (cfg, "stage2"), (cfg4, "stage2")):
             c[k] = {**c[k], **small}
     for c, k in ((cfg, "stage1"), (cfg, "stage2"), (cfg4, "stage2")):
+        # the table scores every row at 1024 prompts itself: the builds' periodic and final
+        # evaluations (64 / 256 prompts) would cost ~10 min and feed nothing here
+        c[k] = {**c[k], "eval_steps": 0, "final_eval_prompts": 0}
         if a.threads:
             c[k] = {**c[k], "threads": a.threads}
     return cfg, cfg4
 
 
-def wait_for(path: Path, log, poll_s: float = 30.0) -> None:
-    """Block until another process (the other ``--part``) has written PATH: a plan file, or a
-    pipeline folder whose ``slimsd.json`` is marked complete / whose ``manifest.json`` exists."""
-    def ready() -> bool:
-        if path.name.endswith(".json"):
-            return path.is_file()
-        f = path / "slimsd.json"
-        return f.is_file() and bool(json.loads(f.read_text()).get("complete")) and (path / "manifest.json").is_file()
+# ---------------------------------------------------------------------------------------
+# the task pool: --jobs worker processes share WORK/pool
+# ---------------------------------------------------------------------------------------
+@dataclass
+class Task:
+    name: str
+    run: Callable[[], object]
+    after: tuple[str, ...] = ()  # tasks that must be done first
+    ready: Callable[[], bool] | None = None  # or a file another task writes early (a prune plan)
 
-    if not ready():
-        log(f"waiting for {path} (made by the other part)")
-        while not ready():
+
+class Pool:
+    """Task state in a folder: ``claimed/NAME`` (an atomic mkdir: one worker wins) and
+    ``done/NAME.json`` (its seconds). ``reset`` is the coordinator's, before any worker starts; a
+    rerun redoes every task, which is cheap for finished ones (training and scores are reused)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def reset(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.root, ignore_errors=True)
+        (self.root / "claimed").mkdir(parents=True)
+        (self.root / "done").mkdir(parents=True)
+
+    def done(self, name: str) -> bool:
+        return (self.root / "done" / f"{name}.json").is_file()
+
+    def claim(self, name: str) -> bool:
+        try:
+            (self.root / "claimed" / name).mkdir()
+            return True
+        except FileExistsError:
+            return False
+
+    def finish(self, name: str, seconds: float, worker: int) -> None:
+        from slimsd.io import atomic_write_text
+
+        atomic_write_text(self.root / "done" / f"{name}.json", json.dumps({"seconds": seconds, "worker": worker}))
+
+    def record(self) -> dict:
+        return {f.stem: json.loads(f.read_text()) for f in sorted((self.root / "done").glob("*.json"))}
+
+    def next(self, tasks: list[Task]) -> Task | None | bool:
+        """The first unclaimed task whose dependencies are met (claimed by this call); True when
+        some are pending but none can start yet; None when every task is done."""
+        pending = False
+        for t in tasks:
+            if self.done(t.name):
+                continue
+            pending = True
+            if (self.root / "claimed" / t.name).exists():
+                continue
+            if all(self.done(d) for d in t.after) and (t.ready is None or t.ready()) and self.claim(t.name):
+                return t
+        return True if pending else None
+
+
+def run_worker(pool: Pool, tasks: list[Task], worker: int, log, poll_s: float = 10.0) -> None:
+    """Take tasks until none is left. A worker that fails exits; the coordinator stops the rest."""
+    while (t := pool.next(tasks)) is not None:
+        if t is True:
             time.sleep(poll_s)
+            continue
+        log(f"worker {worker}: {t.name}")
+        t0 = time.time()
+        t.run()
+        pool.finish(t.name, time.time() - t0, worker)
+
+
+def run_workers(argv: list[str], jobs: int, log) -> None:
+    """``jobs`` copies of this script with ``--worker K``; the first failure stops them all."""
+    import subprocess
+
+    procs = [subprocess.Popen([sys.executable, __file__, *argv, "--worker", str(k)]) for k in range(jobs)]
+    try:
+        while procs:
+            for p in list(procs):
+                rc = p.poll()
+                if rc is None:
+                    continue
+                procs.remove(p)
+                if rc != 0:
+                    raise SystemExit(f"table1: a worker failed (exit {rc}); fix it and rerun: finished work is reused")
+            time.sleep(2)
+    finally:
+        for p in procs:
+            p.terminate()
+
+
+def written(path: Path) -> bool:
+    """PATH is there: a plan file, or a pipeline folder whose ``slimsd.json`` is marked complete
+    and whose ``manifest.json`` exists (what a build writes for each finished stage)."""
+    if path.name.endswith(".json"):
+        return path.is_file()
+    f = path / "slimsd.json"
+    return f.is_file() and bool(json.loads(f.read_text()).get("complete")) and (path / "manifest.json").is_file()
 
 
 def ensure_trained(cfg, log) -> Path:
@@ -255,9 +349,9 @@ def main(argv=None) -> int:
                     "by this table's build of --config)")
     ap.add_argument("--work", default=None, help="default runs/table1 (runs/table1-quick with --quick)")
     ap.add_argument("--out", default=None, help="default benchmarks/results/table1.md (table1-quick.md with --quick)")
-    ap.add_argument("--part", choices=("all", "ours", "others"), default="all",
-                    help="ours: the two builds; others: the baseline, the ablations and the C4 seeds. Run both at once "
-                         "(1 thread each) on a 2-core machine, then `all` times the rows and writes the table")
+    ap.add_argument("--jobs", type=int, default=2, help="worker processes (each --threads threads): 2 on a 2-core "
+                    "machine; 1 runs everything in this process")
+    ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # set by --jobs for its workers
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per job (1: fastest for tiny-sd with two "
                     "jobs on 2 cores, docs/training.md; 0: torch's default)")
     ap.add_argument("--eval-prompts", type=int, default=1024)
@@ -283,29 +377,20 @@ def main(argv=None) -> int:
     resamples = 50 if a.quick else a.resamples
     ours_work = Path(cfg["work_dir"])
     ours_pruned, ours_s1, ours_8, ours_4 = ours_work / "pruned", ours_work / "stage1", Path(cfg["out"]), Path(cfg4["out"])
-    do_ours, do_others = a.part in ("all", "ours"), a.part in ("all", "others")
     s1 = cfg["stage1"]
     quarter = max(1, s1["max_steps"] // 4)
+    role = "main" if a.worker is None else f"worker {a.worker}"
 
     def log(msg):
-        print(f"[table1 {a.part} {time.time() - t_start:7.0f}s] {msg}", file=sys.stderr, flush=True)
+        print(f"[table1 {role} {time.time() - t_start:7.0f}s] {msg}", file=sys.stderr, flush=True)
 
     def run_cfg(section: str, **over):
         d = dict(cfg[section])
         d.update(resume_from_checkpoint="latest", report_to="none", final_eval_prompts=0, eval_steps=0, **over)
         return config_from_dict(d)
 
-    # --- ours: tiny-sd-slim's build, then tiny-sd-slim-4's on it ---------------------------------
-    if do_ours:
-        log(f"slimsd compress build {a.config} -> {ours_8}")
-        build(cfg, config_path=a.config)
-        log(f"slimsd compress build {a.config_4} -> {ours_4}")
-        build(cfg4, config_path=a.config_4)
-
-    # --- the others: the baseline, the ablations, the C4 seeds -----------------------------------
+    # --- the runs: ours (the two builds), the baseline, the ablations, the C4 seeds ---------------
     bk_pruned = work / f"{a.bk_preset}-pruned"
-    if do_others and not (bk_pruned / "prune_plan.json").is_file():
-        prune_pipeline(cfg["model"], PRESETS[a.bk_preset], bk_pruned, {"preset": a.bk_preset})
     runs = {
         "bk": run_cfg("stage1", stage=1, student=str(bk_pruned), teacher=cfg["model"], out=str(work / "bk-sdm-style"),
                       lambda_cfg_kd=0.0, lambda_feat_kd=1.0),
@@ -320,39 +405,63 @@ def main(argv=None) -> int:
                                                out=str(work / f"c4-{arm}-seed{seed}"), max_steps=quarter, seed=seed,
                                                checkpointing_steps=max(1, quarter // 2),
                                                **({"lambda_cfg_kd": lam} if lam is not None else {}))
-    if do_others:
-        wait_for(ours_pruned / "prune_plan.json", log)
-        order = ["bk"] + [k for k in runs if k.startswith("c4_")] + ["abl_s1", "abl_s2"]
-        for key in order:
-            if key == "abl_s2":
-                wait_for(ours_s1, log)
-            ensure_trained(runs[key], log)
 
-    # --- scoring ------------------------------------------------------------------------------------
+    def bk_train():
+        if not (bk_pruned / "prune_plan.json").is_file():
+            prune_pipeline(cfg["model"], PRESETS[a.bk_preset], bk_pruned, {"preset": a.bk_preset})
+        ensure_trained(runs["bk"], log)
+
+    # --- the rows, each scored on the same prompts and seeds -----------------------------------
     teacher = cfg["model"]
-    rows = [  # (label, steps, folder, tag, part)
-        ("tiny-sd (teacher)", 25, teacher, "teacher25", "others"),
-        ("tiny-sd (teacher)", 8, teacher, "teacher8", "others"),
-        ("tiny-sd (teacher)", 4, teacher, "teacher4", "others"),
-        ("tiny-sd (teacher)", 2, teacher, "teacher2", "others"),
-        (f"BK-SDM-style ({a.bk_preset} + KD retraining)", 25, runs["bk"].out, "bk25", "others"),
-        (f"BK-SDM-style ({a.bk_preset} + KD retraining)", 8, runs["bk"].out, "bk8", "others"),
-        ("ours pruned, no retraining", 25, ours_pruned, "pruned25", "ours"),
-        ("ours, stage 1", 25, ours_s1, "s1_25", "ours"),
-        ("**ours, stage 1 + 2 = `tiny-sd-slim`**", 8, ours_8, "ours8", "ours"),
-        ("**ours, 4 steps = `tiny-sd-slim-4`** (8 -> 4)", 4, ours_4, "ours4", "ours"),
-        ("ablation: stage 1 without L_CfgKD", 25, runs["abl_s1"].out, "abl_s1_25", "others"),
-        ("ablation: stage 2 without CFG (w = 1)", 8, runs["abl_s2"].out, "abl_s2_8", "others"),
+    rows = [  # (label, steps, folder, tag, the task that makes the folder)
+        ("tiny-sd (teacher)", 25, teacher, "teacher25", None),
+        ("tiny-sd (teacher)", 8, teacher, "teacher8", None),
+        ("tiny-sd (teacher)", 4, teacher, "teacher4", None),
+        ("tiny-sd (teacher)", 2, teacher, "teacher2", None),
+        (f"BK-SDM-style ({a.bk_preset} + KD retraining)", 25, runs["bk"].out, "bk25", "train-bk"),
+        (f"BK-SDM-style ({a.bk_preset} + KD retraining)", 8, runs["bk"].out, "bk8", "train-bk"),
+        ("ours pruned, no retraining", 25, ours_pruned, "pruned25", "build-8"),
+        ("ours, stage 1", 25, ours_s1, "s1_25", "build-8"),
+        ("**ours, stage 1 + 2 = `tiny-sd-slim`**", 8, ours_8, "ours8", "build-8"),
+        ("**ours, 4 steps = `tiny-sd-slim-4`** (8 -> 4)", 4, ours_4, "ours4", "build-4"),
+        ("ablation: stage 1 without L_CfgKD", 25, runs["abl_s1"].out, "abl_s1_25", "train-abl_s1"),
+        ("ablation: stage 2 without CFG (w = 1)", 8, runs["abl_s2"].out, "abl_s2_8", "train-abl_s2"),
     ]
-    c4_rows = [(f"C4 {arm} seed {s}", 25, runs[f"c4_{arm}_{s}"].out, f"c4_{arm}_{s}", "others")
+    c4_rows = [(f"C4 {arm} seed {s}", 25, runs[f"c4_{arm}_{s}"].out, f"c4_{arm}_{s}", f"train-c4_{arm}_{s}")
                for s in range(a.c4_seeds) for arm in ("cfgkd", "nocfgkd")]
-    results = {}
-    for name, steps, folder, tag, part in rows + c4_rows:
-        if a.part in ("all", part):
-            results[tag] = score(str(folder), steps, prompts, work, tag, log)
-    if a.part != "all":
-        log(f"part {a.part} done; run `python benchmarks/table1.py` (part all) to write the table")
+
+    # --- the tasks, in priority order: the longest chain (ours' two builds) first ---------------
+    def score_task(folder, steps, tag):
+        return lambda: score(str(folder), steps, prompts, work, tag, log)
+
+    def build_task(c, path, out):
+        return lambda: (log(f"slimsd compress build {path} -> {out}"), build(c, config_path=path))
+
+    pruned_plan = ours_pruned / "prune_plan.json"  # written seconds into build-8: the runs from it start then
+    tasks = [
+        Task("build-8", build_task(cfg, a.config, ours_8)),
+        Task("build-4", build_task(cfg4, a.config_4, ours_4), after=("build-8",)),
+        Task("train-bk", bk_train),
+        Task("train-abl_s2", lambda: ensure_trained(runs["abl_s2"], log), ready=lambda: written(ours_s1)),
+        Task("train-abl_s1", lambda: ensure_trained(runs["abl_s1"], log), ready=lambda: written(pruned_plan)),
+    ]
+    tasks += [Task(f"train-{k}", (lambda k=k: ensure_trained(runs[k], log)), ready=lambda: written(pruned_plan))
+              for k in runs if k.startswith("c4_")]
+    tasks += [Task(f"score-{tag}", score_task(folder, steps, tag), after=(dep,) if dep else ())
+              for _, steps, folder, tag, dep in rows + c4_rows]
+    pool = Pool(work / "pool")
+    if a.worker is not None:  # a worker of --jobs: take tasks; the main process writes the table
+        run_worker(pool, tasks, a.worker, log)
         return 0
+    pool.reset()
+    t_pool = time.time()
+    if a.jobs > 1:
+        run_workers(list(argv if argv is not None else sys.argv[1:]), a.jobs, log)
+    else:
+        run_worker(pool, tasks, 0, log)
+    pool_s, task_record = time.time() - t_pool, pool.record()
+    results = {tag: score(str(folder), steps, prompts, work, tag, log)  # every score is cached by now
+               for _, steps, folder, tag, _ in rows + c4_rows}
 
     load_before = [round(x, 2) for x in os.getloadavg()]
     for name, steps, folder, tag, _ in rows:
@@ -387,9 +496,12 @@ def main(argv=None) -> int:
     lines = [
         "# Table 1 in miniature (tiny-sd)" + (" — QUICK MODE: a smoke run, the numbers mean nothing" if a.quick else ""),
         "",
-        f"Command: `python benchmarks/table1.py --part ours & python benchmarks/table1.py --part others; wait; {cmd.strip()}`  ",
+        f"Command: `{cmd.strip()}`  ",
         f"Machine: {machine(a.threads)}; load average before / after the timing: {load_before} / {load_after}  ",
-        f"This (last) call: {(time.time() - t_start) / 60:.1f} min; the runs and scores it reused are timed per run below.",
+        f"This call: **{(time.time() - t_start) / 60:.1f} min** in all: the task pool {pool_s / 60:.1f} min "
+        f"({a.jobs} worker(s), {a.threads} thread(s) each, {len(task_record)} tasks, "
+        f"{sum(1 for v in task_record.values() if v['seconds'] < 60)} of them under a minute: reused or small), then the "
+        "timing and the table. Training runs reused from an earlier call keep their own wall time below.",
         "",
         f"Scores: {prompts} held-out prompts, the same prompts and seeds for every row (`slimsd evaluate MODEL --steps S "
         f"--guidance {GUIDANCE} --num-prompts {prompts} --seed 0`); FD lower is better, alignment higher is better; "
@@ -462,7 +574,7 @@ def main(argv=None) -> int:
         f"{arm} seed {s}: FD {results[f'c4_{arm}_{s}']['fd']:.1f}, alignment {results[f'c4_{arm}_{s}']['alignment']:.3f}"
         for s in range(a.c4_seeds) for arm in ("cfgkd", "nocfgkd")) + "."]
     walls = {k: trained(v.out)[1] for k, v in runs.items()}
-    lines += c4_tab + ["", "Training wall time per run (minutes; the two parts run side by side, 1 thread each): "
+    lines += c4_tab + ["", f"Training wall time per run (minutes; {a.jobs} workers side by side, {a.threads} thread(s) each): "
                        + ", ".join([f"ours stage 1 {st1[1] / 60:.1f}", f"ours stage 2 {st2[1] / 60:.1f}",
                                     f"4-step {st4[1] / 60:.1f}"] + [f"{k} {v / 60:.1f}" for k, v in walls.items()]) + "."]
     out_md.parent.mkdir(parents=True, exist_ok=True)
@@ -471,7 +583,8 @@ def main(argv=None) -> int:
         {"rows": {tag: {"label": name, "steps": steps, **results[tag]} for name, steps, _, tag, _ in rows},
          "c4_runs": {tag: results[tag] for *_, tag, _ in c4_rows},
          "paired": {f"{x}-vs-{y}": v for (x, y), v in p.items()}, "c4_per_seed": c4, "c4_mean": c4_mean_safe(c4m),
-         "build_configs": [cfg, cfg4], "machine": machine(a.threads), "load": [load_before, load_after]},
+         "build_configs": [cfg, cfg4], "machine": machine(a.threads), "load": [load_before, load_after],
+         "wall_s": {"call": time.time() - t_start, "pool": pool_s, "tasks": task_record}},
         indent=2, default=str))
     print("\n".join(lines))
     log(f"wrote {out_md}")
