@@ -54,7 +54,7 @@ PixelNorm = Literal["l1", "mse"]
 LOG_KEYS = ("loss", "l_dec_kd", "l_img", "l_enc_kd")
 # settings a resumed run must share with its checkpoint
 RESUME_KEYS = ("model", "data", "num_latents", "data_seed", "resolution", "batch_size", "gradient_accumulation_steps",
-               "decoder_channels")
+               "decoder_channels", "generated_latents", "generated_share", "init_from")
 TAESD_CHANNELS = 64  # TAESD's width, at SD's scale
 
 
@@ -71,6 +71,13 @@ class DecoderConfig:
                                       "batch (streamed data)")
     data_seed: int = option(0, "which training images are used")
     resolution: int | None = option(None, "image size (default: the source VAE's sample_size)")
+    generated_latents: int = option(0, "also distil the decoder on N latents of MODEL's own sampling (its U-Net at "
+                                       "its default steps and guidance, on training captions), made once and cached: "
+                                       "what the decoder is fed when serving (0: off)")
+    generated_share: float = option(0.5, "share of each batch's decoder inputs drawn from the generated latents "
+                                         "(with --generated-latents; the encoder keeps the real images)")
+    init_from: str | None = option(None, "start from the tiny VAE of an earlier `slimsd compress decoder` folder "
+                                         "(a fine-tune; its width is kept) instead of random weights")
     # optimisation
     max_steps: int = option(2000, "optimisation steps")
     batch_size: int = option(16, "images per process and micro-step")
@@ -111,6 +118,11 @@ def resolve_config(cfg: DecoderConfig) -> DecoderConfig:
             raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(cfg, k)}")
     if cfg.decoder_channels is not None and cfg.decoder_channels < 1:
         raise ValueError(f"--decoder-channels must be >= 1, got {cfg.decoder_channels}")
+    if cfg.generated_latents < 0 or not 0 < cfg.generated_share < 1:
+        raise ValueError(f"--generated-latents must be >= 0 and --generated-share in (0, 1), got "
+                         f"{cfg.generated_latents} / {cfg.generated_share}")
+    if cfg.generated_latents and cfg.num_latents <= 0:
+        raise ValueError("--generated-latents samples on the cached training captions: it needs --num-latents > 0")
     # both halves must learn: the folder's VAE is replaced whole (module docstring)
     if cfg.lambda_decoder <= 0 or cfg.lambda_encoder <= 0 or cfg.lambda_image < 0:
         raise ValueError("--lambda-decoder and --lambda-encoder must be > 0, --lambda-image >= 0")
@@ -183,15 +195,28 @@ class TinyPair(torch.nn.Module):
 class DistilBatches:
     """Micro-batches ``(x, z, mu)``: images (B, 3, H, W) in [-1, 1], a posterior sample and the
     mean of the source VAE (unscaled, (B, C, h, w)). Cached: the moments from the latent cache,
-    the images re-rendered / re-read by index (cache row i is image i). Streamed: both per batch."""
+    the images re-rendered / re-read by index (cache row i is image i). Streamed: both per batch.
+    With ``generated_latents`` the last ``round(B x share)`` rows of z are generated latents
+    instead (the decoder's inputs only: x and mu still pair up for the encoder)."""
 
-    def __init__(self, cfg: DecoderConfig, source, text_encoder, tokenizer, device, main_first, skip: int = 0):
+    def __init__(self, cfg: DecoderConfig, source, text_encoder, tokenizer, device, main_first, skip: int = 0,
+                 pipe=None, model_dir: Path | None = None):
         resolution = cfg.resolution or int(source.config.sample_size)
-        self.source, self.device, self.cache = source, device, None
+        self.source, self.device, self.cache, self.generated = source, device, None, None
+        self.share = cfg.generated_share
         if cfg.num_latents > 0:
             with main_first():
                 self.cache = build_latent_cache(source, text_encoder, tokenizer, cfg.data, cfg.num_latents,
                                                 cfg.data_seed, resolution, device=device)
+                if cfg.generated_latents:
+                    from slimsd.compress.train.data import _latent_cache_key
+                    from slimsd.defaults import generation_defaults
+
+                    key = _latent_cache_key(source, text_encoder, tokenizer, cfg.data, cfg.num_latents, cfg.data_seed,
+                                            resolution)
+                    d = generation_defaults(model_dir)  # how MODEL samples when served
+                    self.generated = build_generated_cache(pipe, d.steps, d.guidance, self.cache, key,
+                                                           cfg.generated_latents, cfg.data_seed, device)
             self.get, _ = open_images(cfg.data, cfg.num_latents, cfg.data_seed, resolution)
             return
         from slimsd.data.user import open_dataset
@@ -211,7 +236,52 @@ class DistilBatches:
             x = to_tensor([next(self.it)[0] for _ in range(batch)])
             mean, std = (t.float().cpu() for t in posterior(self.source, x.to(self.device, self.source.dtype)))
         z = mean + std * torch.randn(mean.shape, generator=g)  # a fresh posterior sample, as the U-Net trains on
+        if self.generated is not None:  # the decoder's other inputs: where the U-Net's own sampling ends
+            n_gen = max(1, round(batch * self.share))
+            z = torch.cat([z[: batch - n_gen], self.generated[torch.randint(len(self.generated), (n_gen,), generator=g)]])
         return x.to(self.device), z.to(self.device), mean.to(self.device)
+
+
+@torch.no_grad()
+def build_generated_cache(pipe, steps: int, guidance: float, cache: dict, data_key: str, num: int, seed: int, device,
+                          batch: int = 64, cache_root: Path | None = None) -> torch.Tensor:
+    """(num, C, h, w) unscaled latents where MODEL's own sampling ends: its U-Net and scheduler at
+    its default steps and guidance (slimsd.defaults), on the training captions of the latent
+    cache (row i's caption, cycled), image i seeded ``seed * 1_000_003 + i``. What a served decoder
+    is fed, which a real image's posterior is not: guided samples sit off the encoder's
+    distribution. Cached under ``$SLIMSD_CACHE/generated``, keyed by everything that changes them."""
+    import hashlib
+
+    from tqdm.auto import tqdm
+
+    from slimsd.compress.train.data import _weights_key
+    from slimsd.models import cache_dir
+
+    key = hashlib.sha256(json.dumps([data_key, _weights_key(pipe.unet), dict(pipe.scheduler.config), type(pipe.scheduler).__name__,
+                                     num, seed, steps, guidance], sort_keys=True, default=str).encode()).hexdigest()[:20]
+    path = (Path(cache_root) if cache_root else cache_dir() / "generated") / f"{key}.pt"
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    from slimsd.io import atomic_path
+
+    s = float(pipe.vae.config.scaling_factor)
+    caps = cache["cap_index"][torch.arange(num) % len(cache["cap_index"])]  # (num,)
+    uncond = cache["table"][cache["empty_id"]]  # (77, D)
+    out = []
+    pipe.unet.to(device)
+    for i in tqdm(range(0, num, batch), desc=f"generate latents ({steps} steps, guidance {guidance:g})",
+                  dynamic_ncols=True):
+        idx = range(i, min(i + batch, num))
+        pe = cache["table"][caps[i : i + len(idx)]].to(device)  # (b, 77, D)
+        gens = [torch.Generator().manual_seed(seed * 1_000_003 + j) for j in idx]
+        lat = pipe(prompt_embeds=pe, negative_prompt_embeds=uncond.expand_as(pe).to(device), num_inference_steps=steps,
+                   guidance_scale=guidance, generator=gens, output_type="latent").images  # (b, C, h, w) scaled
+        out.append(lat.float().cpu() / s)
+    z = torch.cat(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(z, tmp)
+    return z
 
 
 # ---------------------------------------------------------------------------------------
@@ -236,6 +306,21 @@ def _distil(cfg: DecoderConfig, callback=None) -> Path:
     source = pipe.vae
     if not isinstance(source, AutoencoderKL):
         raise ValueError(f"{source_dir}: its vae is a {type(source).__name__}; the source must be an AutoencoderKL")
+    init = None
+    if cfg.init_from:
+        init_vae = Path(resolve_model(cfg.init_from)) / "vae"
+        if not (init_vae / "config.json").is_file() or json.loads((init_vae / "config.json").read_text()).get(
+                "_class_name") != "AutoencoderTiny":
+            raise ValueError(f"--init-from {cfg.init_from}: {init_vae} is not an AutoencoderTiny (a `slimsd compress "
+                             "decoder` output folder)")
+        init = AutoencoderTiny.from_pretrained(init_vae)
+        width = int(init.config.decoder_block_out_channels[0])
+        want = tiny_vae_config(source.config, width)
+        if cfg.decoder_channels not in (None, width) or any(
+                (list(v) if isinstance(v, (list, tuple)) else v) != want[k] for k, v in init.config.items() if k in want):
+            raise ValueError(f"--init-from {cfg.init_from}: its tiny VAE ({width} channels) does not fit "
+                             f"{cfg.model}'s VAE at --decoder-channels {cfg.decoder_channels or width}")
+        cfg = replace(cfg, decoder_channels=width)
     cfg = replace(cfg, decoder_channels=cfg.decoder_channels or default_channels(source.config))
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -246,6 +331,8 @@ def _distil(cfg: DecoderConfig, callback=None) -> Path:
         m.requires_grad_(False).eval().to(dev)
 
     tiny = AutoencoderTiny(**tiny_vae_config(source.config, cfg.decoder_channels))
+    if init is not None:  # a fine-tune: same architecture, its weights
+        tiny.load_state_dict(init.state_dict())
     pair = TinyPair(tiny).train()
     optimizer = torch.optim.AdamW(pair.parameters(), lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
     lr_scheduler = make_lr_scheduler(optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_steps,
@@ -256,7 +343,7 @@ def _distil(cfg: DecoderConfig, callback=None) -> Path:
     resume(cfg, accelerator, work, state)
     used = state.step * cfg.gradient_accumulation_steps * cfg.batch_size
     batches = DistilBatches(cfg, source, pipe.text_encoder, pipe.tokenizer, dev, accelerator.main_process_first,
-                            skip=used)
+                            skip=used, pipe=pipe, model_dir=source_dir)
     if report_to != "none":
         accelerator.init_trackers("slimsd-decoder", config={k: v for k, v in asdict(cfg).items()
                                                             if isinstance(v, (int, float, str, bool))})

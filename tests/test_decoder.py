@@ -283,3 +283,68 @@ def test_build_with_a_decoder_section_runs_after_the_last_stage_and_reruns_skip(
     assert json.loads((out / "vae" / "config.json").read_text())["decoder_block_out_channels"] == [8] * 4
     with pytest.raises(ValueError, match="decoder.model is set by the build"):
         build({**cfg, "decoder": {"model": "x"}})
+
+
+# ---------------------------------------------------------------------------------------
+# generated latents (--generated-latents) and fine-tuning (--init-from)
+# ---------------------------------------------------------------------------------------
+def test_generated_latents_are_the_models_own_samples_and_cached(tmp_path, monkeypatch):
+    """Row i is what the pipeline itself ends at for training caption i (prompt and empty
+    negative, seed i, the model's steps and guidance), unscaled; a second call reads the cache
+    and another step count is another entry."""
+    from slimsd.compress.decoder import build_generated_cache
+    from slimsd.compress.train.data import build_latent_cache, open_images
+    from slimsd.models import load_pipeline
+
+    pipe = load_pipeline("tiny-sd")
+    res = int(pipe.vae.config.sample_size)
+    cache = build_latent_cache(pipe.vae, pipe.text_encoder, pipe.tokenizer, "scenes", 8, 0, res,
+                               cache_root=tmp_path / "latents")
+    z = build_generated_cache(pipe, 3, 7.5, cache, "k", 3, 0, "cpu", cache_root=tmp_path / "gen")
+    assert z.shape == (3, *cache["mean"].shape[1:])
+    get, _ = open_images("scenes", 8, 0, res)
+    ref = pipe(get(1)[1], negative_prompt="", num_inference_steps=3, guidance_scale=7.5, output_type="latent",
+               generator=torch.Generator().manual_seed(1)).images[0] / pipe.vae.config.scaling_factor
+    torch.testing.assert_close(z[1], ref.float(), rtol=1e-4, atol=1e-4)
+    files = list((tmp_path / "gen").glob("*.pt"))
+    assert len(files) == 1
+    with monkeypatch.context() as m:  # a cached call does not sample again
+        m.setattr(type(pipe), "__call__", lambda *a, **k: pytest.fail("sampled again"))
+        z2 = build_generated_cache(pipe, 3, 7.5, cache, "k", 3, 0, "cpu", cache_root=tmp_path / "gen")
+    torch.testing.assert_close(z2, z)
+    build_generated_cache(pipe, 2, 7.5, cache, "k", 3, 0, "cpu", cache_root=tmp_path / "gen")
+    assert len(list((tmp_path / "gen").glob("*.pt"))) == 2  # the key names the steps
+
+
+def test_a_run_on_generated_latents_and_a_fine_tune_from_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMSD_CACHE", str(tmp_path / "cache"))
+    first = distil_decoder(DecoderConfig(model="tiny-sd", out=str(tmp_path / "gen"), max_steps=2, generated_latents=4,
+                                         **FAST))
+    assert len(list((tmp_path / "cache" / "generated").glob("*.pt"))) == 1
+    rec = json.loads((first / "decoder.json").read_text())["config"]
+    assert rec["generated_latents"] == 4 and rec["generated_share"] == 0.5
+    # a batch of 4 at share 0.5: two posterior samples, then two generated latents
+    import contextlib
+
+    from slimsd.compress.decoder import DistilBatches
+    from slimsd.models import load_pipeline
+
+    pipe = load_pipeline("tiny-sd")
+    cfg = DecoderConfig(model="tiny-sd", out="x", generated_latents=4, **FAST)
+    batches = DistilBatches(cfg, pipe.vae, pipe.text_encoder, pipe.tokenizer, "cpu", contextlib.nullcontext,
+                            pipe=pipe, model_dir=TINY_SD_DIR)
+    x, z, mean = batches(4, torch.Generator().manual_seed(0))
+    is_gen = [any(torch.equal(row, g) for g in batches.generated) for row in z]
+    assert is_gen == [False, False, True, True] and x.shape[0] == mean.shape[0] == 4
+    # learning rate 0: a fine-tune writes exactly the weights it started from
+    tuned = distil_decoder(DecoderConfig(model="tiny-sd", out=str(tmp_path / "ft"), max_steps=1, learning_rate=0.0,
+                                         init_from=str(first), **FAST))
+    a, b = _weights(first), _weights(tuned)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="--init-from"):  # another width does not fit
+        distil_decoder(DecoderConfig(model="tiny-sd", out=str(tmp_path / "bad"), max_steps=1, decoder_channels=8,
+                                     init_from=str(first), **FAST))
+    with pytest.raises(ValueError, match="--generated-latents"):
+        distil_decoder(DecoderConfig(model="tiny-sd", out=str(tmp_path / "bad"), generated_latents=4,
+                                     **{**FAST, "num_latents": 0}))
