@@ -38,9 +38,10 @@ RESULTS, ROOT = table1.RESULTS, table1.ROOT
 STEPS = 25
 
 
-def part_config(part: str, plan: dict | None, work: Path, threads: int, quick: bool) -> dict:
+def part_config(part: str, plan: dict | None, work: Path, threads: int, quick: bool, paper_work: str | None = None) -> dict:
     cfg = json.loads(table1.CONFIG.read_text())
-    cfg.update(out=str(work / part), work_dir=str(work / f"{part}.build"), stage2=None, evaluate={"num_prompts": 0})
+    build_dir = paper_work if part == "paper" and paper_work else str(work / f"{part}.build")
+    cfg.update(out=str(work / part), work_dir=build_dir, stage2=None, evaluate={"num_prompts": 0})
     if part == "time":
         cfg["prune"] = {"blocks": list(plan["removed_blocks"])}
     if quick:
@@ -56,6 +57,9 @@ def main(argv=None) -> int:
     ap.add_argument("--front", default=str(RESULTS / "prune_front.json"), help="benchmarks/prune_front.py's results")
     ap.add_argument("--plan", default=None, help="a plan name in --front (default: its chosen plan)")
     ap.add_argument("--work", default="runs/plan_retrain")
+    ap.add_argument("--paper-work", default=None, help="the paper part's build folder, e.g. runs/table1/tiny-sd-slim.build: "
+                    "Table 1 builds the same sensitivity -> prune -> stage 1, and the build reuses each stage whose "
+                    "fingerprint (settings and everything upstream) matches, retraining otherwise")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-prompts", type=int, default=1024)
     ap.add_argument("--resamples", type=int, default=1000)
@@ -81,7 +85,7 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[plan_retrain {a.part} {time.time() - t0:6.0f}s] {msg}", file=sys.stderr, flush=True)
 
-    cfgs = {p: part_config(p, plan, work, a.threads, a.quick) for p in ("paper", "time")}
+    cfgs = {p: part_config(p, plan, work, a.threads, a.quick, a.paper_work) for p in ("paper", "time")}
     for p in ([a.part] if a.part != "all" else ["paper", "time"]):
         log(f"build {p}: stage 1, {cfgs[p]['stage1']['max_steps']} steps -> {cfgs[p]['out']}")
         build(cfgs[p])
@@ -106,8 +110,8 @@ def main(argv=None) -> int:
               "stage1": cfgs["paper"]["stage1"], "rows": rows, "time_vs_paper": d, "vs_teacher25": vs_teacher,
               "no_worse": verdict, "resolved_worse": resolved_worse, "eval_prompts": prompts, "quick": a.quick,
               "machine": table1.machine(a.threads),
-              "command": "python benchmarks/plan_retrain.py --part paper & python benchmarks/plan_retrain.py --part time; "
-                         "wait; python benchmarks/plan_retrain.py"}
+              "command": "python benchmarks/plan_retrain.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "build_dirs": {p: cfgs[p]["work_dir"] for p in cfgs}}
     RESULTS.mkdir(exist_ok=True)
     stem = a.stem + ("-quick" if a.quick else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")

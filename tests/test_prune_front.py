@@ -58,3 +58,21 @@ def test_plan_retrain_trains_both_plans_with_one_stage1_budget(bench, tmp_path):
     assert time_["prune"] == {"blocks": plan["removed_blocks"]}
     assert paper["stage1"] == time_["stage1"] and paper["stage1"]["max_steps"] == base["stage1"]["max_steps"]
     assert paper["stage2"] is None and time_["stage2"] is None and paper["out"] != time_["out"]
+
+
+def test_plan_retrains_paper_part_can_reuse_table1s_build(bench, tmp_path):
+    """--paper-work points the paper part at Table 1's build folder: every section the build
+    fingerprints up to stage 1 is the same there, so the build reuses Table 1's stage 1."""
+    from types import SimpleNamespace
+
+    import plan_retrain
+    import table1
+
+    t1, _ = table1.build_configs(SimpleNamespace(config=str(table1.CONFIG), config_4=str(table1.CONFIG_4), quick=False,
+                                                 threads=1), tmp_path / "t1")
+    plan = {"removed_blocks": ["up.3.attn.0"]}
+    paper = plan_retrain.part_config("paper", plan, tmp_path / "pr", 1, False, paper_work=t1["work_dir"])
+    time_ = plan_retrain.part_config("time", plan, tmp_path / "pr", 1, False, paper_work=t1["work_dir"])
+    assert paper["work_dir"] == t1["work_dir"] and time_["work_dir"] != t1["work_dir"]
+    for k in ("model", "sensitivity", "prune", "stage1", "seed"):
+        assert paper.get(k) == t1.get(k), k
