@@ -173,7 +173,7 @@ def _server(mode: str, settings, pipe):
 
 
 def measure(model: str, backend: str, repeats: int, threads: int | None, users: int = 1,
-            seconds: float = 10.0, mode: str = "process") -> dict:
+            seconds: float = 10.0, mode: str = "process", rounds: int = 2) -> dict:
     import httpx
 
     from slimsd.serve.pipeline import load_served_pipeline
@@ -232,14 +232,16 @@ def measure(model: str, backend: str, repeats: int, threads: int | None, users: 
     out["paired_http_over_inference"] = _paired(times["http"], times["inference"])
     out["paired_http_stdlib_over_inference"] = _paired(times["http_stdlib"], times["inference_stdlib"])
     if users > 1:
-        out["throughput"] = throughput(pipe, settings, users, seconds, prompt, mode)
+        out["throughput"] = throughput(pipe, settings, users, seconds, prompt, mode, rounds)
     return out
 
 
-def throughput(pipe, settings, users: int, seconds: float, prompt: str, mode: str = "process") -> dict:
+def throughput(pipe, settings, users: int, seconds: float, prompt: str, mode: str = "process", rounds: int = 2) -> dict:
     """Images/s of ``users`` closed-loop clients through the server vs the pipeline called with batches of
-    ``users`` images back to back (what perfect batching would reach); each for ``seconds``, twice,
-    alternating (pipeline, http, pipeline, http) so that outside load hits both alike."""
+    ``users`` images back to back (what perfect batching would reach); each for ``seconds``, ``rounds``
+    times, alternating and rotating (pipeline, http; http, pipeline; ...) so that outside load hits
+    both alike. ``median_round_ratio`` is the median over rounds of http / pipeline within the round:
+    on a VM whose speed jumps between runs (25% here) a ratio of means over few runs drifts with it."""
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
@@ -271,12 +273,15 @@ def throughput(pipe, settings, users: int, seconds: float, prompt: str, mode: st
     runs = {"pipeline": [], "http": []}
     with _server(mode, settings, pipe) as srv:
         http_run(srv.url)  # warm the batch shapes
-        for _ in range(2):
-            runs["pipeline"].append(pipeline_run())
-            runs["http"].append(http_run(srv.url))
+        for k in range(rounds):
+            for side in (("pipeline", "http") if k % 2 == 0 else ("http", "pipeline")):
+                runs[side].append(pipeline_run() if side == "pipeline" else http_run(srv.url))
         mean_batch = srv.mean_batch_images()
-    out = {"users": users, "seconds_each": seconds, "pipeline_images_per_s": round(statistics.mean(runs["pipeline"]), 3),
-           "http_images_per_s": round(statistics.mean(runs["http"]), 3), "runs": runs, "mean_batch_images": mean_batch}
+    ratios = [h / p for h, p in zip(runs["http"], runs["pipeline"])]
+    out = {"users": users, "seconds_each": seconds, "rounds": rounds,
+           "pipeline_images_per_s": round(statistics.mean(runs["pipeline"]), 3),
+           "http_images_per_s": round(statistics.mean(runs["http"]), 3), "runs": runs, "mean_batch_images": mean_batch,
+           "round_ratios": [round(r, 3) for r in ratios], "median_round_ratio": round(statistics.median(ratios), 3)}
     out["http_over_pipeline"] = round(out["http_images_per_s"] / out["pipeline_images_per_s"], 3)
     return out
 
@@ -291,7 +296,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     ap.add_argument("--users", type=int, default=4, help="throughput: closed-loop clients vs pipeline batches of "
                     "this many images (1: skip)")
-    ap.add_argument("--seconds", type=float, default=10.0, help="throughput: seconds per run (2 runs each)")
+    ap.add_argument("--seconds", type=float, default=10.0, help="throughput: seconds per run")
+    ap.add_argument("--rounds", type=int, default=4, help="throughput: alternating (pipeline, http) rounds")
     ap.add_argument("--server", choices=("process", "thread"), default="process",
                     help="slimsd serve as its own process (as deployed) or uvicorn in a thread of this one")
     ap.add_argument("--cpus", default=None, help="comma list of CPU ids to pin this process and its server to "
@@ -311,7 +317,7 @@ def main() -> None:
     rows = []
     for model in models:
         for backend in a.backends.split(","):
-            r = measure(model, backend, a.repeats, a.threads, a.users, a.seconds, a.server)
+            r = measure(model, backend, a.repeats, a.threads, a.users, a.seconds, a.server, a.rounds)
             rows.append(r)
             print(f"{model:<14} {backend:<12} {r['steps']:>3} steps  pipeline {r['pipeline']['median_ms']:>8.1f} ms "
                   f"(p90 {r['pipeline']['p90_ms']:.1f})  http {r['http']['median_ms']:>8.1f} ms "
@@ -324,7 +330,8 @@ def main() -> None:
             if "throughput" in r:
                 t = r["throughput"]
                 print(f"{'':<27} {t['users']} users: pipeline batches {t['pipeline_images_per_s']:.2f} images/s, "
-                      f"http {t['http_images_per_s']:.2f} images/s ({t['http_over_pipeline']:.3f}x), mean batch "
+                      f"http {t['http_images_per_s']:.2f} images/s ({t['http_over_pipeline']:.3f}x; median of the rounds' "
+                      f"ratios {t['median_round_ratio']:.3f}x, {t['round_ratios']}), mean batch "
                       f"{t.get('mean_batch_images')} images", flush=True)
     import onnxruntime
     import torch
