@@ -40,7 +40,9 @@ STEPS = 25
 
 def part_config(part: str, plan: dict | None, work: Path, threads: int, quick: bool, paper_work: str | None = None) -> dict:
     cfg = json.loads(table1.CONFIG.read_text())
-    build_dir = paper_work if part == "paper" and paper_work else str(work / f"{part}.build")
+    # absolute, as Table 1 writes its own: the build fingerprints its stages' paths, and a relative
+    # spelling of the same folder would not match (the stage would be retrained)
+    build_dir = str(Path(paper_work).resolve()) if part == "paper" and paper_work else str(work / f"{part}.build")
     cfg.update(out=str(work / part), work_dir=build_dir, stage2=None, evaluate={"num_prompts": 0})
     if part == "time":
         cfg["prune"] = {"blocks": list(plan["removed_blocks"])}

@@ -71,8 +71,11 @@ def test_plan_retrains_paper_part_can_reuse_table1s_build(bench, tmp_path):
     t1, _ = table1.build_configs(SimpleNamespace(config=str(table1.CONFIG), config_4=str(table1.CONFIG_4), quick=False,
                                                  threads=1), tmp_path / "t1")
     plan = {"removed_blocks": ["up.3.attn.0"]}
-    paper = plan_retrain.part_config("paper", plan, tmp_path / "pr", 1, False, paper_work=t1["work_dir"])
-    time_ = plan_retrain.part_config("time", plan, tmp_path / "pr", 1, False, paper_work=t1["work_dir"])
+    import os
+
+    rel = os.path.relpath(t1["work_dir"])  # as a user types it: the same folder, spelled relative
+    paper = plan_retrain.part_config("paper", plan, tmp_path / "pr", 1, False, paper_work=rel)
+    time_ = plan_retrain.part_config("time", plan, tmp_path / "pr", 1, False, paper_work=rel)
     assert paper["work_dir"] == t1["work_dir"] and time_["work_dir"] != t1["work_dir"]
     for k in ("model", "sensitivity", "prune", "stage1", "seed"):
         assert paper.get(k) == t1.get(k), k
