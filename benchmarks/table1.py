@@ -183,7 +183,7 @@ def run_worker(pool: Pool, tasks: list[Task], worker: int, log, poll_s: float = 
         pool.finish(t.name, time.time() - t0, worker)
 
 
-def run_workers(argv: list[str], jobs: int, log) -> None:
+def run_workers(argv: list[str], jobs: int) -> None:
     """``jobs`` copies of this script with ``--worker K``; the first failure stops them all."""
     import subprocess
 
@@ -456,7 +456,7 @@ def main(argv=None) -> int:
     pool.reset()
     t_pool = time.time()
     if a.jobs > 1:
-        run_workers(list(argv if argv is not None else sys.argv[1:]), a.jobs, log)
+        run_workers(list(argv if argv is not None else sys.argv[1:]), a.jobs)
     else:
         run_worker(pool, tasks, 0, log)
     pool_s, task_record = time.time() - t_pool, pool.record()

@@ -209,13 +209,10 @@ class DistilBatches:
                 self.cache = build_latent_cache(source, text_encoder, tokenizer, cfg.data, cfg.num_latents,
                                                 cfg.data_seed, resolution, device=device)
                 if cfg.generated_latents:
-                    from slimsd.compress.train.data import _latent_cache_key
                     from slimsd.defaults import generation_defaults
 
-                    key = _latent_cache_key(source, text_encoder, tokenizer, cfg.data, cfg.num_latents, cfg.data_seed,
-                                            resolution)
                     d = generation_defaults(model_dir)  # how MODEL samples when served
-                    self.generated = build_generated_cache(pipe, d.steps, d.guidance, self.cache, key,
+                    self.generated = build_generated_cache(pipe, d.steps, d.guidance, self.cache,
                                                            cfg.generated_latents, cfg.data_seed, device)
             self.get, _ = open_images(cfg.data, cfg.num_latents, cfg.data_seed, resolution)
             return
@@ -243,22 +240,24 @@ class DistilBatches:
 
 
 @torch.no_grad()
-def build_generated_cache(pipe, steps: int, guidance: float, cache: dict, data_key: str, num: int, seed: int, device,
+def build_generated_cache(pipe, steps: int, guidance: float, cache: dict, num: int, seed: int, device,
                           batch: int = 64, cache_root: Path | None = None) -> torch.Tensor:
     """(num, C, h, w) unscaled latents where MODEL's own sampling ends: its U-Net and scheduler at
     its default steps and guidance (slimsd.defaults), on the training captions of the latent
     cache (row i's caption, cycled), image i seeded ``seed * 1_000_003 + i``. What a served decoder
     is fed, which a real image's posterior is not: guided samples sit off the encoder's
-    distribution. Cached under ``$SLIMSD_CACHE/generated``, keyed by everything that changes them."""
+    distribution. Cached under ``$SLIMSD_CACHE/generated``, keyed by everything that changes them:
+    the latent cache's own key (data, VAE, text encoder), the U-Net, the scheduler and the settings."""
     import hashlib
 
     from tqdm.auto import tqdm
 
-    from slimsd.compress.train.data import _weights_key
+    from slimsd.compress.train.data import weights_key
     from slimsd.models import cache_dir
 
-    key = hashlib.sha256(json.dumps([data_key, _weights_key(pipe.unet), dict(pipe.scheduler.config), type(pipe.scheduler).__name__,
-                                     num, seed, steps, guidance], sort_keys=True, default=str).encode()).hexdigest()[:20]
+    key = hashlib.sha256(json.dumps([cache["key"], weights_key(pipe.unet), dict(pipe.scheduler.config),
+                                     type(pipe.scheduler).__name__, num, seed, steps, guidance],
+                                    sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = (Path(cache_root) if cache_root else cache_dir() / "generated") / f"{key}.pt"
     if path.is_file():
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -315,11 +314,9 @@ def _distil(cfg: DecoderConfig, callback=None) -> Path:
                              "decoder` output folder)")
         init = AutoencoderTiny.from_pretrained(init_vae)
         width = int(init.config.decoder_block_out_channels[0])
-        want = tiny_vae_config(source.config, width)
-        if cfg.decoder_channels not in (None, width) or any(
-                (list(v) if isinstance(v, (list, tuple)) else v) != want[k] for k, v in init.config.items() if k in want):
-            raise ValueError(f"--init-from {cfg.init_from}: its tiny VAE ({width} channels) does not fit "
-                             f"{cfg.model}'s VAE at --decoder-channels {cfg.decoder_channels or width}")
+        if cfg.decoder_channels not in (None, width):
+            raise ValueError(f"--init-from {cfg.init_from}: its tiny VAE is {width} channels wide, not "
+                             f"--decoder-channels {cfg.decoder_channels}")
         cfg = replace(cfg, decoder_channels=width)
     cfg = replace(cfg, decoder_channels=cfg.decoder_channels or default_channels(source.config))
     work = Path(cfg.work_dir)
@@ -331,8 +328,11 @@ def _distil(cfg: DecoderConfig, callback=None) -> Path:
         m.requires_grad_(False).eval().to(dev)
 
     tiny = AutoencoderTiny(**tiny_vae_config(source.config, cfg.decoder_channels))
-    if init is not None:  # a fine-tune: same architecture, its weights
-        tiny.load_state_dict(init.state_dict())
+    if init is not None:  # a fine-tune: same architecture (strict: every tensor's name and shape), its weights
+        try:
+            tiny.load_state_dict(init.state_dict())
+        except RuntimeError as e:
+            raise ValueError(f"--init-from {cfg.init_from}: its tiny VAE does not fit {cfg.model}'s VAE: {e}") from e
     pair = TinyPair(tiny).train()
     optimizer = torch.optim.AdamW(pair.parameters(), lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
     lr_scheduler = make_lr_scheduler(optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_steps,

@@ -300,7 +300,7 @@ def test_generated_latents_are_the_models_own_samples_and_cached(tmp_path, monke
     res = int(pipe.vae.config.sample_size)
     cache = build_latent_cache(pipe.vae, pipe.text_encoder, pipe.tokenizer, "scenes", 8, 0, res,
                                cache_root=tmp_path / "latents")
-    z = build_generated_cache(pipe, 3, 7.5, cache, "k", 3, 0, "cpu", cache_root=tmp_path / "gen")
+    z = build_generated_cache(pipe, 3, 7.5, cache, 3, 0, "cpu", cache_root=tmp_path / "gen")
     assert z.shape == (3, *cache["mean"].shape[1:])
     get, _ = open_images("scenes", 8, 0, res)
     ref = pipe(get(1)[1], negative_prompt="", num_inference_steps=3, guidance_scale=7.5, output_type="latent",
@@ -310,9 +310,9 @@ def test_generated_latents_are_the_models_own_samples_and_cached(tmp_path, monke
     assert len(files) == 1
     with monkeypatch.context() as m:  # a cached call does not sample again
         m.setattr(type(pipe), "__call__", lambda *a, **k: pytest.fail("sampled again"))
-        z2 = build_generated_cache(pipe, 3, 7.5, cache, "k", 3, 0, "cpu", cache_root=tmp_path / "gen")
+        z2 = build_generated_cache(pipe, 3, 7.5, cache, 3, 0, "cpu", cache_root=tmp_path / "gen")
     torch.testing.assert_close(z2, z)
-    build_generated_cache(pipe, 2, 7.5, cache, "k", 3, 0, "cpu", cache_root=tmp_path / "gen")
+    build_generated_cache(pipe, 2, 7.5, cache, 3, 0, "cpu", cache_root=tmp_path / "gen")
     assert len(list((tmp_path / "gen").glob("*.pt"))) == 2  # the key names the steps
 
 

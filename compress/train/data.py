@@ -22,7 +22,7 @@ import torch
 from slimsd.io import atomic_path
 
 
-def _weights_key(*modules) -> str:
+def weights_key(*modules) -> str:
     """Cheap fingerprint of frozen weights: shapes + a strided sample of every tensor."""
     h = hashlib.sha256()
     for m in modules:
@@ -84,7 +84,7 @@ def _latent_cache_key(vae, text_encoder, tokenizer, data: str, num: int, seed: i
     local = Path(data)
     data_stamp = local.stat().st_mtime_ns if local.exists() else None
     tok = hashlib.sha256(json.dumps([tokenizer.model_max_length, sorted(tokenizer.get_vocab().items())]).encode())
-    return hashlib.sha256(json.dumps([data, data_stamp, num, seed, resolution, _weights_key(vae, text_encoder),
+    return hashlib.sha256(json.dumps([data, data_stamp, num, seed, resolution, weights_key(vae, text_encoder),
                                       tok.hexdigest()[:16]]).encode()).hexdigest()[:20]
 
 
@@ -110,7 +110,8 @@ def build_latent_cache(vae, text_encoder, tokenizer, data: str, num: int, seed: 
     """Encode ``num`` training images and their captions once; cached under ``$SLIMSD_CACHE/latents``.
 
     Returns ``mean, std`` (N, 4, h, w) posterior moments, ``cap_index`` (N,) into ``table``
-    (n_captions + 1, 77, D) whose last row is the empty caption, and ``scaling``.
+    (n_captions + 1, 77, D) whose last row is the empty caption, ``scaling``, and ``key`` (what
+    it is cached under: caches derived from it extend that key).
     """
     from tqdm.auto import tqdm
 
@@ -121,7 +122,7 @@ def build_latent_cache(vae, text_encoder, tokenizer, data: str, num: int, seed: 
     root = Path(cache_root) if cache_root else cache_dir() / "latents"
     path = root / f"{key}.pt"
     if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return {**torch.load(path, map_location="cpu", weights_only=True), "key": key}
     get, n = open_images(data, num, seed, resolution)
     means, stds, caps = [], [], []
     for i in tqdm(range(0, n, batch), desc="encode latents", dynamic_ncols=True):
@@ -141,7 +142,7 @@ def build_latent_cache(vae, text_encoder, tokenizer, data: str, num: int, seed: 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:  # concurrent processes / a kill never leave half a cache
         torch.save(cache, tmp)
-    return cache
+    return {**cache, "key": key}
 
 
 class CachedBatches:
