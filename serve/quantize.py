@@ -78,6 +78,13 @@ class Int8Config:
                                    "last convolutions, where int8 error is not averaged away (docs/serve.md, 'int8')")
     preset: Literal["mixed", "performance"] = option("mixed", "NNCF preset: mixed = asymmetric activations "
                                                               "(SD activations are not zero-centred)")
+    activation_range: Literal["minmax", "mean_minmax"] = option(
+        "minmax", "activation ranges from the calibration samples: minmax = the extremes over all samples; "
+                  "mean_minmax (NNCF's default) = the mean of each sample's min and max, which clips the U-Net's "
+                  "activations at its high-noise timesteps and moved tiny-sd's FD by 21% (docs/serve.md, 'int8')")
+    bias_correction: Literal["none", "fast", "full"] = option(
+        "none", "NNCF bias correction: shifts each quantized layer's bias so its mean output matches float on the "
+                "calibration samples (none = off: fast did not help tiny-sd, docs/serve.md; full = layer by layer)")
     check: Literal["auto", "scenes", "none"] = option("auto", "quality check: scenes = the evaluator's paired "
                                                               "comparison vs f32; auto = scenes for 64x64 scene models")
     check_prompts: int = option(1024, "prompts of the quality check (the issue's 1024)")
@@ -90,7 +97,8 @@ class Int8Config:
         """The settings that change the IR (not the check or the timing)."""
         d = asdict(self)
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()
-                if k in ("calib_prompts", "prompts", "steps", "guidance", "subset_size", "keep", "preset", "seed")}
+                if k in ("calib_prompts", "prompts", "steps", "guidance", "subset_size", "keep", "preset", "activation_range",
+                         "bias_correction", "seed")}
 
 
 # -- calibration data: the model's own U-Net inputs ------------------------------------------------
@@ -174,13 +182,17 @@ def quantize_unet(onnx_path: Path, samples: list[dict], cfg: Int8Config):
     """The int8 ``ov.Model`` of the export's U-Net, and the op names kept in float."""
     import nncf
     import openvino as ov
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
     model = ov.Core().read_model(str(onnx_path))
     scope, kept = ignored_scope(model, cfg.keep)
     q = nncf.quantize(model, nncf.Dataset(samples), preset=getattr(nncf.QuantizationPreset, cfg.preset.upper()),
                       subset_size=len(samples), model_type=nncf.ModelType.TRANSFORMER, ignored_scope=scope,
-                      # bias correction needs many more samples than min/max statistics, and the notebooks skip it
-                      advanced_parameters=nncf.AdvancedQuantizationParameters(disable_bias_correction=True))
+                      fast_bias_correction=cfg.bias_correction != "full",
+                      advanced_parameters=nncf.AdvancedQuantizationParameters(
+                          disable_bias_correction=cfg.bias_correction == "none",
+                          activations_range_estimator_params=getattr(RangeEstimatorParametersSet,
+                                                                     cfg.activation_range.upper())))
     return q, kept
 
 
