@@ -82,7 +82,7 @@ def _load_openvino(settings, source: Source) -> Loaded:
     if settings.device == "cuda":
         raise ValueError("backend openvino runs on the CPU; use onnxruntime or tensorrt for --device cuda")
     runners = OpenVINORunners(source.onnx_dir(settings), precision=settings.precision, threads=settings.threads,
-                              cache=settings.openvino_cache)
+                              cache=settings.openvino_cache, static_shapes=settings.openvino_static_shapes)
     return Loaded(runners, runners.specs["unet"], runners.precision)  # auto resolved against the CPU
 
 

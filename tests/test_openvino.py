@@ -109,6 +109,31 @@ def test_other_sizes_batches_and_threads(ov_f32, ort_pipe):
         assert _diff(out[i], ov_f32.generate(PROMPTS[i:i + 1], None, [SEEDS[i]], steps=3)).max() == 0
 
 
+def test_static_shape_compiles_are_bounded_and_give_the_same_images(onnx_dir):
+    """The first ``static_shapes`` input shapes of each component get a compile of the model
+    reshaped to them (the cause of the speed-up: static inputs, docs/serve.md); later shapes run
+    the dynamic compile; 0 turns it off. Images equal the dynamic compile's either way."""
+    from slimsd.serve.runners_openvino import OpenVINORunners
+
+    dyn = OpenVINORunners(onnx_dir, precision="f32", threads=2, cache=False, static_shapes=0)
+    sta = OpenVINORunners(onnx_dir, precision="f32", threads=2, cache=False, static_shapes=1)
+    a, b = dyn.generate(PROMPTS, steps=3, seeds=SEEDS), sta.generate(PROMPTS, steps=3, seeds=SEEDS)
+    assert _diff(a, b).max() <= 1 and a.std() > 1
+    assert dyn.static == {}
+    assert sorted(k[0] for k in sta.static) == ["text_encoder", "unet", "vae_decoder"]
+    for (name, shapes), compiled in sta.static.items():
+        assert all(i.get_partial_shape().is_static for i in compiled.inputs), name
+        assert dict(shapes)["sample" if name == "unet" else next(iter(dict(shapes)))][0] in (2, 4)
+    assert not sta.compiled["unet"].inputs[0].get_partial_shape().is_static  # the fallback stays dynamic
+    # another shape (one prompt): over the bound, so the dynamic compile runs it; same images
+    first = dict(sta.static)
+    assert _diff(sta.generate(PROMPTS[:1], steps=3, seeds=SEEDS[:1]),
+                 dyn.generate(PROMPTS[:1], steps=3, seeds=SEEDS[:1])).max() <= 1
+    assert sta.static == first
+    with pytest.raises(ValueError, match="static_shapes"):
+        OpenVINORunners(onnx_dir, precision="f32", cache=False, static_shapes=-1)
+
+
 # -- through the app --------------------------------------------------------------------------------
 def test_generation_through_the_app_returns_a_png(ov_f32):
     from test_serve_api import png, serving
