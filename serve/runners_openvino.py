@@ -30,15 +30,16 @@ export are deleted (OpenVINO never deletes blobs; an SD U-Net's is gigabytes). A
 folder just compiles without a cache.
 
 **Static shapes**: each component is compiled once with the export's dynamic shapes, and the first
-``static_shapes`` distinct input shapes it is called with (default 1: the serving default, one
-image with CFG) also get a compile of the model reshaped to exactly those shapes, as OpenVINO
-GenAI's ``Text2ImagePipeline`` reshapes before it compiles. The CPU plugin then skips per-call
-shape inference and memory planning: measured per U-Net call 1.6x faster on tiny-sd-slim and
-1.18x at SD size (docs/serve.md, "OpenVINO: static shapes"). Other shapes run the dynamic
-compile; each variant holds its own weights (about +1.7 GB for an SD U-Net in bf16), so the
-count is bounded, and 0 turns it off. The variants compile on first use (the server's warm-up
-does it for the default shape), into the same cache folder: OpenVINO keys a compiled
-``ov.Model`` by its content, shapes included.
+``static_shapes`` distinct input shapes it is called with (1: the serving default, one image
+with CFG) also get a compile of the model reshaped to exactly those shapes, as OpenVINO GenAI's
+``Text2ImagePipeline`` reshapes before it compiles. The CPU plugin then skips per-call shape
+inference and memory planning, which is most of a small model's call: per U-Net call 1.6x faster
+on tiny-sd-slim, but 1.02-1.03x (unresolved) at SD size, where each variant would also hold its
+own weights (about +1.7 GB for an SD U-Net in bf16) (``benchmarks/ov_static_shapes.py``,
+docs/serve.md). So the default (None) is 1 for a U-Net under :data:`STATIC_SHAPES_MAX_UNET_BYTES`
+of weights and 0 above. Other shapes run the dynamic compile. The variants compile on first use
+(the server's warm-up does it for the default shape), into the same cache folder: OpenVINO keys a
+compiled ``ov.Model`` by its content, shapes included.
 Converting to OpenVINO IR (``openvino.save_model``) was measured and not kept: a warm cache
 starts faster than compiling IR, and a first start would pay the conversion on top
 (docs/serve.md, "OpenVINO").
@@ -64,6 +65,9 @@ from slimsd.specs import COMPONENTS
 log = logging.getLogger("slimsd.serve")
 
 PRECISIONS = REQUESTED_PRECISIONS  # auto | bf16 | f32 | int8
+# Static-shape compiles by default only below this U-Net size on disk (100M fp32 parameters, the line
+# where backends.SMALL_UNET_PARAMS puts small models): measured to pay on tiny models, not at SD size
+STATIC_SHAPES_MAX_UNET_BYTES = 400_000_000
 # What ``auto`` picks on a CPU with BF16: bf16 (its images stay within the evaluator's noise
 # on tiny-sd: docs/serve.md, "OpenVINO"); set to "f32" here if that ever stops being true.
 AUTO_PRECISION_WITH_BF16 = "bf16"
@@ -165,15 +169,15 @@ class OpenVINORunners(ExportFolderRunners):
     """Three OpenVINO compiled models (``text_encoder``, ``unet``, ``vae_decoder``) of an exported folder."""
 
     def __init__(self, folder: str | Path, precision: str = "auto", threads: int | None = None,
-                 cache: bool | str | Path = True, device: str = "CPU", core=None, static_shapes: int = 1):
+                 cache: bool | str | Path = True, device: str = "CPU", core=None, static_shapes: int | None = None):
         """``cache``: True = ``<folder>/openvino`` (skipped if not writable), False = none, or a folder.
-        ``static_shapes``: static-shape compiles kept per component (module doc); 0 = dynamic only."""
+        ``static_shapes``: static-shape compiles kept per component (module doc); 0 = dynamic only,
+        None = 1 for a small U-Net, else 0."""
         self._open(folder)
         if threads is not None and int(threads) < 1:
             raise ValueError(f"threads: must be >= 1, got {threads}")
-        if int(static_shapes) < 0:
+        if static_shapes is not None and int(static_shapes) < 0:
             raise ValueError(f"static_shapes: must be >= 0, got {static_shapes}")
-        self.static_shapes = int(static_shapes)
         from . import quantize
 
         self.core = core or _core()
@@ -200,6 +204,11 @@ class OpenVINORunners(ExportFolderRunners):
                 self.files["unet"] = {f"{quantize.INT8_DIR}/{k}": v for k, v in report["ir_sha256"].items()}
             hint = floating
         self.float_hint = hint
+        if static_shapes is None:
+            unet_dir = Path(self.paths["unet"]).parent
+            unet_bytes = sum(f.stat().st_size for f in unet_dir.iterdir() if f.is_file())
+            static_shapes = 1 if unet_bytes < STATIC_SHAPES_MAX_UNET_BYTES else 0
+        self.static_shapes = int(static_shapes)
         self.config = compile_config(hint, threads)
         root = (self.folder / "openvino") if cache is True else (Path(cache) if cache else None)
         self.cache_root = root if root is not None and _writable(root) else None

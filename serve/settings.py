@@ -53,9 +53,10 @@ class ServeSettings(BaseModel):
                                                       "with the int8 U-Net")
     openvino_cache: bool = Field(True, description="openvino: keep compiled models in <onnx dir>/openvino "
                                                    "(faster restarts)")
-    openvino_static_shapes: int = Field(1, ge=0, description="openvino: input shapes per component that also get a "
-                                                               "static-shape compile (faster per call, own weights "
-                                                               "each); 0 = dynamic only")
+    openvino_static_shapes: int | None = Field(None, ge=0, description="openvino: input shapes per component that also "
+                                                                         "get a static-shape compile (own weights each); "
+                                                                         "default 1 for small U-Nets (< 400 MB), 0 for "
+                                                                         "SD-size ones, where it measured no faster")
     engines_dir: Path | None = Field(None, description="tensorrt: folder of <component>.plan; default built into "
                                                        "the cache from the ONNX export")
     triton_url: list[str] = Field(default_factory=lambda: ["localhost:8001"],

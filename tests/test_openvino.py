@@ -109,7 +109,7 @@ def test_other_sizes_batches_and_threads(ov_f32, ort_pipe):
         assert _diff(out[i], ov_f32.generate(PROMPTS[i:i + 1], None, [SEEDS[i]], steps=3)).max() == 0
 
 
-def test_static_shape_compiles_are_bounded_and_give_the_same_images(onnx_dir):
+def test_static_shape_compiles_are_bounded_and_give_the_same_images(onnx_dir, monkeypatch):
     """The first ``static_shapes`` input shapes of each component get a compile of the model
     reshaped to them (the cause of the speed-up: static inputs, docs/serve.md); later shapes run
     the dynamic compile; 0 turns it off. Images equal the dynamic compile's either way."""
@@ -132,6 +132,12 @@ def test_static_shape_compiles_are_bounded_and_give_the_same_images(onnx_dir):
     assert sta.static == first
     with pytest.raises(ValueError, match="static_shapes"):
         OpenVINORunners(onnx_dir, precision="f32", cache=False, static_shapes=-1)
+    # the default: static for a small U-Net (tiny-sd's 14 MB), dynamic only above the size line
+    import slimsd.serve.runners_openvino as rov
+
+    assert OpenVINORunners(onnx_dir, precision="f32", cache=False).static_shapes == 1
+    monkeypatch.setattr(rov, "STATIC_SHAPES_MAX_UNET_BYTES", 1_000_000)
+    assert OpenVINORunners(onnx_dir, precision="f32", cache=False).static_shapes == 0
 
 
 # -- through the app --------------------------------------------------------------------------------
