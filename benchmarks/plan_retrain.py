@@ -38,7 +38,8 @@ RESULTS, ROOT = table1.RESULTS, table1.ROOT
 STEPS = 25
 
 
-def part_config(part: str, plan: dict | None, work: Path, threads: int, quick: bool, paper_work: str | None = None) -> dict:
+def part_config(part: str, plan: dict | None, work: Path, threads: int, quick: bool, paper_work: str | None = None,
+                seed: int | None = None, paper_blocks: list[str] | None = None) -> dict:
     cfg = json.loads(table1.CONFIG.read_text())
     # absolute, as Table 1 writes its own: the build fingerprints its stages' paths, and a relative
     # spelling of the same folder would not match (the stage would be retrained)
@@ -46,6 +47,10 @@ def part_config(part: str, plan: dict | None, work: Path, threads: int, quick: b
     cfg.update(out=str(work / part), work_dir=build_dir, stage2=None, evaluate={"num_prompts": 0})
     if part == "time":
         cfg["prune"] = {"blocks": list(plan["removed_blocks"])}
+    if seed is not None:  # another training seed of both arms: the paper arm prunes its recorded blocks (no re-ranking)
+        cfg["seed"] = seed
+        if part == "paper":
+            cfg["prune"] = {"blocks": list(paper_blocks)}
     if quick:
         cfg["stage1"] = {**cfg["stage1"], "max_steps": 4, "batch_size": 4, "num_latents": 64, "checkpointing_steps": 2,
                          "eval_steps": 0, "eval_prompts": 4, "final_eval_prompts": 0}
@@ -67,6 +72,12 @@ def main(argv=None) -> int:
     ap.add_argument("--resamples", type=int, default=1000)
     ap.add_argument("--quick", action="store_true", help="a few steps and prompts: checks the chain, numbers mean nothing")
     ap.add_argument("--stem", default="plan_retrain")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="another training seed for both arms (work under --work/seed<N>, results <stem>_seed<N>): the "
+                         "paper arm prunes the blocks its seed-0 build chose (--paper-plan-from), so only training "
+                         "differs; the CIs of one run are over prompts, not training seeds")
+    ap.add_argument("--paper-plan-from", default=str(RESULTS / "plan_retrain.json"),
+                    help="with --seed: the results file whose tiny_sd_plans.paper holds the paper arm's blocks")
     a = ap.parse_args(argv)
 
     import torch
@@ -75,8 +86,13 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     torch.set_num_threads(a.threads)
-    work = Path(a.work).resolve()
+    work = Path(a.work).resolve() / (f"seed{a.seed}" if a.seed is not None else "")
     work.mkdir(parents=True, exist_ok=True)
+    paper_blocks = None
+    if a.seed is not None:
+        if a.paper_work:
+            raise ValueError("--paper-work: a build of seed 0; with --seed the paper arm is retrained")
+        paper_blocks = json.loads(Path(a.paper_plan_from).read_text())["tiny_sd_plans"]["paper"]["removed_blocks"]
     front = json.loads(Path(a.front).read_text())
     name = a.plan or front["chosen"]
     if not name or name not in front["plans"]:
@@ -87,7 +103,7 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[plan_retrain {a.part} {time.time() - t0:6.0f}s] {msg}", file=sys.stderr, flush=True)
 
-    cfgs = {p: part_config(p, plan, work, a.threads, a.quick, a.paper_work) for p in ("paper", "time")}
+    cfgs = {p: part_config(p, plan, work, a.threads, a.quick, a.paper_work, a.seed, paper_blocks) for p in ("paper", "time")}
     for p in ([a.part] if a.part != "all" else ["paper", "time"]):
         log(f"build {p}: stage 1, {cfgs[p]['stage1']['max_steps']} steps -> {cfgs[p]['out']}")
         build(cfgs[p])
@@ -113,9 +129,9 @@ def main(argv=None) -> int:
               "no_worse": verdict, "resolved_worse": resolved_worse, "eval_prompts": prompts, "quick": a.quick,
               "machine": table1.machine(a.threads),
               "command": "python benchmarks/plan_retrain.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "build_dirs": {p: cfgs[p]["work_dir"] for p in cfgs}}
+              "build_dirs": {p: cfgs[p]["work_dir"] for p in cfgs}, "seed": a.seed}
     RESULTS.mkdir(exist_ok=True)
-    stem = a.stem + ("-quick" if a.quick else "")
+    stem = a.stem + (f"_seed{a.seed}" if a.seed is not None else "") + ("-quick" if a.quick else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     (RESULTS / f"{stem}.md").write_text(markdown(result, front))
     print(markdown(result, front))
@@ -132,7 +148,8 @@ def markdown(r: dict, front: dict) -> str:
          f"Machine: {r['machine']}. Command: `{r['command']}`.", "",
          f"Stage 1 of `configs/tiny-sd-slim.json` for both: {st['max_steps']} steps, batch {st['batch_size']}, lr "
          f"{st['learning_rate']}. Scored at {STEPS} steps, guidance 7.5, on the same {r['eval_prompts']} held-out prompts "
-         "and seeds; 95% bootstrap CIs.", "",
+         "and seeds; 95% bootstrap CIs." + (f" Training seed {r['seed']} for both arms (the paper arm prunes the blocks "
+                                            "of its seed-0 build)." if r.get("seed") is not None else ""), "",
          f"* **time**: `{r['plan']}` of `prune_front.json`: {r['front_row']['speedup']:.2f}x U-Net step at SD size "
          f"(measured), {r['front_row']['unet_params'] / 1e6:.0f}M params there; on tiny-sd "
          f"{r['tiny_sd_plans']['time']['unet_params']['after']:,d} U-Net params "

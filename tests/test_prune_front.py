@@ -58,6 +58,12 @@ def test_plan_retrain_trains_both_plans_with_one_stage1_budget(bench, tmp_path):
     assert time_["prune"] == {"blocks": plan["removed_blocks"]}
     assert paper["stage1"] == time_["stage1"] and paper["stage1"]["max_steps"] == base["stage1"]["max_steps"]
     assert paper["stage2"] is None and time_["stage2"] is None and paper["out"] != time_["out"]
+    # another training seed: both arms get it; the paper arm prunes its recorded blocks, so only training differs
+    blocks = ["up.3.attn.1", "mid.res.0"]
+    p1 = plan_retrain.part_config("paper", plan, tmp_path, 1, False, seed=1, paper_blocks=blocks)
+    t1 = plan_retrain.part_config("time", plan, tmp_path, 1, False, seed=1, paper_blocks=blocks)
+    assert p1["seed"] == t1["seed"] == 1 and "seed" not in paper
+    assert p1["prune"] == {"blocks": blocks} and t1["prune"] == time_["prune"] and p1["stage1"] == paper["stage1"]
 
 
 def test_plan_retrains_paper_part_can_reuse_table1s_build(bench, tmp_path):
