@@ -177,14 +177,14 @@ class OvComponents:
         self.requests, self.load_s = {}, {}
 
     def fn(self, name: str, inputs: dict):
-        import openvino as ov
+        from slimsd.serve.runners_openvino import make_static
 
         t0 = time.perf_counter()
         model = self.core.read_model(str(self.paths[name]))
         names = {n for i in model.inputs for n in i.get_names()}
         feeds = {k: v for k, v in inputs.items() if k in names}
         if self.static:
-            model.reshape({k: ov.PartialShape(list(v.shape)) for k, v in feeds.items()})
+            make_static(model, {k: v.shape for k, v in feeds.items()})
         req = self.requests[name] = self.core.compile_model(model, "CPU", self.cfg).create_infer_request()
         self.load_s[name] = time.perf_counter() - t0
         return lambda: req.infer(feeds)

@@ -47,7 +47,7 @@ def main() -> None:
 
     import openvino as ov
 
-    from slimsd.serve.runners_openvino import compile_config, cpu_supports_bf16
+    from slimsd.serve.runners_openvino import compile_config, cpu_supports_bf16, make_static
     from slimsd.specs import ModelDims
 
     if a.model:
@@ -82,10 +82,9 @@ def main() -> None:
             t0 = time.perf_counter()
             dyn = core.compile_model(model, "CPU", cfg).create_infer_request()
             t1 = time.perf_counter()
-            static_model = core.read_model(path)
-            static_model.reshape({k: ov.PartialShape(list(v.shape)) for k, v in feeds.items()})
+            reshaped = make_static(core.read_model(path), {k: v.shape for k, v in feeds.items()})
             t2 = time.perf_counter()
-            sta = core.compile_model(static_model, "CPU", cfg).create_infer_request()
+            sta = core.compile_model(reshaped, "CPU", cfg).create_infer_request()
             t3 = time.perf_counter()
             dyn.infer(feeds), sta.infer(feeds)  # first calls: allocation
             times = {"dynamic": [], "static": []}

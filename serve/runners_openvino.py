@@ -131,6 +131,16 @@ def resolve_precision(precision: str, core=None, capabilities: list[str] | None 
     return floating
 
 
+def make_static(model, shapes: dict[str, tuple[int, ...]]):
+    """``model`` (an ``ov.Model``, reshaped in place and returned) with fixed input ``shapes`` (input
+    name -> shape): what a static-shape compile compiles (module doc, "Static shapes"). The
+    benchmarks use it too."""
+    import openvino as ov
+
+    model.reshape({model.input(k).get_any_name(): ov.PartialShape(list(v)) for k, v in shapes.items()})
+    return model
+
+
 def compile_config(hint: str, threads: int | None = None) -> dict[str, str]:
     """The CPU plugin's compile properties slimsd serves with: ``INFERENCE_PRECISION_HINT`` (``f32`` /
     ``bf16``), the LATENCY hint with one stream per model, and ``INFERENCE_NUM_THREADS`` when set.
@@ -279,11 +289,8 @@ class OpenVINORunners(ExportFolderRunners):
             if key not in self.static:
                 if sum(k[0] == name for k in self.static) >= self.static_shapes:
                     return (name,)
-                import openvino as ov
-
                 t0 = time.perf_counter()
-                model = self.core.read_model(str(self.paths[name]))
-                model.reshape({model.input(k).get_any_name(): ov.PartialShape(list(shape)) for k, shape in key[1]})
+                model = make_static(self.core.read_model(str(self.paths[name])), dict(key[1]))
                 self.static[key] = self.core.compile_model(model, self.device, self._config_for(name))
                 log.info("openvino: %s compiled for static shapes %s in %.1f s", name, dict(key[1]),
                          time.perf_counter() - t0)
